@@ -23,12 +23,12 @@ published flag set can be pasted as it is:
     use_scale_shift_norm, dropout (inference only: never applied), resblock_updown,
     use_fp16 (ignored: we compute in float32), use_new_attention_order.
 
-Parameter names mirror the PyTorch module tree so that `torch_name` maps every Flax leaf to
-its state_dict entry: `time_embed_0`, `input_blocks_{i}_{j}`, `middle_block_{j}`,
-`output_blocks_{i}_{j}` (the `j`-th layer of the `i`-th `TimestepEmbedSequential`),
-`out_norm` / `out_conv` (`out.0` / `out.2`); inside a residual block `in_norm`, `in_conv`,
-`emb_dense`, `out_norm`, `out_conv`, `skip` (`in_layers.0`, `in_layers.2`, `emb_layers.1`,
-`out_layers.0`, `out_layers.3`, `skip_connection`).
+Parameter names mirror the PyTorch module tree (`diffjax.convert.guided.torch_name` maps
+every Flax leaf to its state_dict entry): `time_embed_0`, `input_blocks_{i}_{j}`,
+`middle_block_{j}`, `output_blocks_{i}_{j}` (the `j`-th layer of the `i`-th
+`TimestepEmbedSequential`), `out_norm` / `out_conv` (`out.0` / `out.2`); inside a residual
+block `in_norm`, `in_conv`, `emb_dense`, `out_norm`, `out_conv`, `skip` (`in_layers.0`,
+`in_layers.2`, `emb_layers.1`, `out_layers.0`, `out_layers.3`, `skip_connection`).
 
 References:
   Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021.
@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffjax import _checks
 from diffjax.models import ModelSpec
@@ -60,8 +58,6 @@ __all__ = [
     "timestep_embedding",
     "make_eps_fn",
     "make_output_fn",
-    "torch_name",
-    "expected_torch_shapes",
 ]
 
 # create_model's defaults of channel_mult per image size (script_util.create_model).
@@ -507,71 +503,3 @@ SPECS = {
     "guided_unet": ModelSpec(kind="guided_unet", role="diffusion", build=build, init=init,
                              make_fn=make_eps_fn, default_config=imagenet256_uncond_config),
 }
-
-
-# ----------------------------------------------------------------------------------------
-# PyTorch names (for the converter and the manifest check).
-
-_RES_NAMES = {"in_norm": "in_layers.0", "in_conv": "in_layers.2", "emb_dense": "emb_layers.1",
-              "out_norm": "out_layers.0", "out_conv": "out_layers.3", "skip": "skip_connection"}
-_TOP_NAMES = {"out_norm": "out.0", "out_conv": "out.2"}
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-# Flax Dense layers that are 1-D convolutions (weight [out, in, 1]) in PyTorch.
-_CONV1D = ("qkv", "proj_out")
-_SEQUENTIALS = ("input_blocks", "output_blocks", "middle_block", "time_embed")
-
-
-def torch_name(path: Sequence[str]) -> str:
-    """The PyTorch state_dict name of a Flax parameter path.
-
-    Example: ``("input_blocks_1_0", "in_conv", "kernel")`` ->
-    ``"input_blocks.1.0.in_layers.2.weight"``.
-    """
-    top, *mid, leaf = path
-    if top in _TOP_NAMES:
-        parts = [_TOP_NAMES[top]]
-    else:
-        prefix = next(p for p in _SEQUENTIALS if top.startswith(p + "_"))
-        parts = [prefix + "." + top[len(prefix) + 1:].replace("_", ".")]
-    parts += [_RES_NAMES.get(m, m) for m in mid]
-    return ".".join(parts + [_LEAF_NAMES[leaf]])
-
-
-def _torch_shape(path: Sequence[str], shape: tuple) -> tuple:
-    if path[-1] != "kernel":
-        return tuple(shape)
-    if len(shape) == 4:  # HWIO -> OIHW
-        return (shape[3], shape[2], shape[0], shape[1])
-    if path[-2] in _CONV1D:  # Dense [in, out] -> Conv1d [out, in, 1]
-        return (shape[1], shape[0], 1)
-    return (shape[1], shape[0])  # Dense -> Linear [out, in]
-
-
-def expected_torch_shapes(config: dict) -> dict[str, tuple]:
-    """Every PyTorch state_dict name and shape of a config, without building weights.
-
-    Uses `jax.eval_shape` on `init`, so the 552.8M model costs nothing to describe.
-
-    Returns:
-      `{torch_name: shape}` in PyTorch layout (OIHW convs, [out, in] linears).
-    """
-    module = build(config)
-    shapes = jax.eval_shape(lambda k: init(module, config, k), jax.random.key(0))
-    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
-    out = {}
-    for kp, leaf in flat:
-        path = tuple(k.key for k in kp)
-        out[torch_name(path)] = _torch_shape(path, leaf.shape)
-    return out
-
-
-def flax_from_torch(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
-    """Converts one PyTorch tensor to the layout of the Flax parameter at `path`."""
-    a = np.asarray(tensor, dtype=np.float32)
-    if path[-1] != "kernel":
-        return a
-    if a.ndim == 4:
-        return np.transpose(a, (2, 3, 1, 0))
-    if a.ndim == 3:
-        return np.transpose(a[:, :, 0])
-    return np.transpose(a)
