@@ -89,6 +89,10 @@ def check_images(
                 hint = "this looks channels-first (NCHW): transpose with x.transpose(0, 2, 3, 1)"
             fail(name, f"{' or '.join(map(str, allowed))} channels on the last axis",
                  f"{_describe(x)}", hint)
+    elif (x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3)
+          and x.shape[-1] == x.shape[-2]):
+        fail(name, "channels-last images (NHWC)", _describe(x),
+             "this looks channels-first (NCHW): transpose with x.transpose(0, 2, 3, 1)")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         fail(name, "a floating-point array (float32)", f"dtype {x.dtype}",
              "convert with x.astype(jnp.float32) / 255 for uint8 images")

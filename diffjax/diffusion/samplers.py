@@ -57,8 +57,13 @@ def _per_example_normal(keys, data, shape, dtype):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, data), shape, dtype))(keys)
 
 
-def _bcast(v, x):
-    return jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1)) if jnp.ndim(v) else v
+def _call_eps(eps_fn, x, t):
+    eps = eps_fn(x, t)
+    if getattr(eps, "shape", None) != x.shape:  # static: raised once, at trace time
+        _checks.fail("eps_fn", f"an output of the input's shape {tuple(x.shape)}",
+                     f"shape {tuple(getattr(eps, 'shape', ()))}",
+                     "does the model take this many channels / this image size?")
+    return eps.astype(x.dtype)
 
 
 def _discrete_chain(eps_fn, x_t, keys, schedule, t_star, num_steps, ddim, remat, clip):
@@ -71,7 +76,7 @@ def _discrete_chain(eps_fn, x_t, keys, schedule, t_star, num_steps, ddim, remat,
     def step(x, per_step):
         tau, a_t, a_prev = per_step
         t = jnp.full((batch,), tau, jnp.int32)
-        eps = eps_fn(x, t).astype(x.dtype)
+        eps = _call_eps(eps_fn, x, t)
         x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
         if clip:
             x0 = jnp.clip(x0, -1.0, 1.0)
@@ -112,7 +117,7 @@ def _sde_chain(eps_fn, x, keys, schedule, t_star, num_steps, remat):
         k, t, is_last = per_step
         # The eps-model's time input: index round(t (T - 1)) (API.md: index i <-> t = i/(T-1)).
         idx = jnp.clip(jnp.round(t * (T - 1)), 0, T - 1).astype(jnp.int32)
-        eps = eps_fn(x, jnp.full((batch,), idx, jnp.int32)).astype(x.dtype)
+        eps = _call_eps(eps_fn, x, jnp.full((batch,), idx, jnp.int32))
         _, std_t = sde.marginal(t)
         score = -eps / std_t
         beta_t = sde.beta(t)
