@@ -1,0 +1,171 @@
+"""A defended model: a purifier followed by a classifier, as one pure function.
+
+The paper's object of study (Liu & Wei, arXiv 2505.22839, Sections 3-4) is the composition
+``logits(x, keys) = logits_fn(purify_fn(x, keys))``: a diffusion purifier whose randomness
+comes only from the per-example keys, then a classifier on [0, 1] images. Making the keys
+an explicit argument is what lets the attacks in `diffjax.attacks` control the randomness
+(the `fixed`, `independent` and `transfer` protocols).
+
+`Defense` is a pytree whose two children are `jax.tree_util.Partial`s. A `Partial` holding
+weights (e.g. ``Partial(apply_fn, params)``) keeps the weights as pytree leaves, so a
+`Defense` passed as an argument to a jitted function has its weights *traced*, not baked
+into the compiled program as constants: swapping weights of the same shapes reuses the
+compiled attack. Plain Python callables are wrapped in a `Partial` with no arguments (the
+function itself is then static, compared by identity).
+
+Example::
+
+    purifier = make_purifier(model.eps_fn, schedule=linear_schedule(), t_star=100,
+                             method="ddpm", num_steps=10)
+    defense = Defense(purifier, classifier.logits_fn)
+    logits = defense.logits(x, keys)          # [B, num_classes]
+    plain = undefended(classifier.logits_fn)  # identity purifier, keys ignored
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+from jax.tree_util import Partial
+
+from diffjax import _checks
+
+__all__ = ["Defense", "make_purifier", "undefended", "identity_purifier"]
+
+
+def _as_partial(fn, name: str) -> Partial:
+    if isinstance(fn, Partial):
+        return fn
+    if not callable(fn):
+        _checks.fail(name, "a callable (or a jax.tree_util.Partial holding weights)",
+                     type(fn).__name__)
+    return Partial(fn)
+
+
+def _identity(x, keys):
+    del keys
+    return x
+
+
+identity_purifier = Partial(_identity)
+"""The purifier of an undefended model: returns `x` unchanged and ignores the keys."""
+
+
+@jax.tree_util.register_pytree_node_class
+class Defense:
+    """A purifier and a classifier; `logits(x, keys) = logits_fn(purify_fn(x, keys))`.
+
+    Attributes:
+      purify_fn: `(x [B,H,W,C] in [0, 1], keys [B]) -> x' [B,H,W,C] in [0, 1]`, pure, all its
+        randomness from the per-example typed keys.
+      logits_fn: `(x [B,H,W,C] in [0, 1]) -> [B, num_classes]`, pure and deterministic.
+    """
+
+    def __init__(self, purify_fn: Callable, logits_fn: Callable):
+        self.purify_fn = _as_partial(purify_fn, "purify_fn")
+        self.logits_fn = _as_partial(logits_fn, "logits_fn")
+
+    def tree_flatten(self):
+        return (self.purify_fn, self.logits_fn), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        obj = object.__new__(cls)
+        obj.purify_fn, obj.logits_fn = children
+        return obj
+
+    def purify(self, x, keys):
+        """Purified images `[B,H,W,C]` in [0, 1]; the randomness comes from `keys` `[B]`."""
+        return self.purify_fn(x, keys)
+
+    def logits(self, x, keys):
+        """Logits `[B, num_classes]` of the classifier on the purified images."""
+        return self.logits_fn(self.purify_fn(x, keys))
+
+    def __call__(self, x, keys):
+        return self.logits(x, keys)
+
+    def num_classes(self, x) -> int:
+        """The number of classes, from the logits' shape (no computation, `eval_shape`)."""
+        keys = jax.random.split(jax.random.key(0), x.shape[0])
+        out = jax.eval_shape(self.logits, jax.ShapeDtypeStruct(x.shape, x.dtype), keys)
+        return int(out.shape[-1])
+
+    @property
+    def is_undefended(self) -> bool:
+        """True when the purifier is the identity (keys have no effect)."""
+        return self.purify_fn.func is _identity
+
+    def __repr__(self):
+        return f"Defense(purify_fn={self.purify_fn!r}, logits_fn={self.logits_fn!r})"
+
+
+def undefended(logits_fn: Callable) -> Defense:
+    """The classifier alone, as a `Defense` with the identity purifier.
+
+    Args:
+      logits_fn: `(x [B,H,W,C] in [0, 1]) -> [B, num_classes]`.
+
+    Returns:
+      A `Defense` whose `logits(x, keys)` is `logits_fn(x)` for any keys.
+    """
+    return Defense(identity_purifier, logits_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PurifyCall:
+    """The static part of a diffusion purifier (hashable, so jit caches by value)."""
+
+    t_star: int
+    method: str
+    num_steps: int | None
+    remat: bool
+    clip_denoised: bool
+
+    def __call__(self, eps_fn, schedule, x, keys):
+        from diffjax import diffusion  # imported lazily: `import diffjax.defense` stays cheap
+
+        return diffusion.purify(
+            eps_fn, x, keys, schedule=schedule, t_star=self.t_star, method=self.method,
+            num_steps=self.num_steps, remat=self.remat, clip_denoised=self.clip_denoised)
+
+
+def make_purifier(
+    eps_fn: Callable,
+    *,
+    schedule,
+    t_star: int,
+    method: str = "ddpm",
+    num_steps: int | None = None,
+    remat: bool = True,
+    clip_denoised: bool = True,
+) -> Partial:
+    """A diffusion purifier `purify_fn(x, keys) -> x'` for `Defense` (DiffPure, Section 3).
+
+    Wraps `diffjax.diffusion.purify` so that the eps-model's weights (when `eps_fn` is a
+    `Partial` holding them) and the schedule's arrays are pytree leaves (traced under jit),
+    while `t_star`, `method` and `num_steps` are static.
+
+    Args:
+      eps_fn: `(x_t [B,H,W,C] in [-1, 1], t int32 [B]) -> eps`; a `Partial` holding weights,
+        or a plain function (then its closed-over weights are constants under jit).
+      schedule: the diffusion schedule pytree (`diffjax.diffusion.linear_schedule()`).
+      t_star: the purification timestep k in [1, T] (the paper's t* = 0.1 T).
+      method: "ddpm", "reverse_only", "ddim", "reverse_only_ddim" or "sde".
+      num_steps: reverse steps over [0, t_star) (respaced); None means `t_star` steps.
+      remat: checkpoint each reverse step (memory flat in the step count under `grad`).
+      clip_denoised: clip the predicted x0 to [-1, 1] at every step.
+
+    Returns:
+      A `Partial` `purify_fn(x [B,H,W,C] in [0, 1], keys [B]) -> [B,H,W,C] in [0, 1]`.
+    """
+    t_star = _checks.check_int(t_star, "t_star", lo=1)
+    if num_steps is not None:
+        num_steps = _checks.check_int(num_steps, "num_steps", lo=1, hi=t_star)
+    _checks.check_choice(method, "method",
+                         ("ddpm", "reverse_only", "ddim", "reverse_only_ddim", "sde"))
+    call = _PurifyCall(t_star, method, num_steps, bool(remat), bool(clip_denoised))
+    return Partial(call, _as_partial(eps_fn, "eps_fn"), schedule)
