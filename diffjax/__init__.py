@@ -25,8 +25,10 @@ _SUBMODULES = (
     "diffusion",
     "metrics",
     "models",
+    "parallel",
     "pretrained",
     "randomness",
+    "study",
     "train",
 )
 

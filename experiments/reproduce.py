@@ -1,0 +1,51 @@
+r"""The main job: every claim of arXiv 2505.22839 on the embedded default, end to end.
+
+    python -m experiments.reproduce --workdir=workdir/study
+    python -m experiments.reproduce --workdir=workdir/quick \
+        --config=experiments/configs/reproduce.py:quick
+
+Writes WORKDIR/results.json (schema in shared/API.md), WORKDIR/report.md and the figures.
+A rerun with the same workdir loads finished parts and resumes an interrupted one.
+Multi-host (TPU pod slices, multi-node GPU): add --distributed on every process.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/reproduce.py", "Study config file (:quick for the fast one).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results (resumable).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+
+
+def main(argv):
+    del argv
+    from experiments import common
+
+    with common.one_line_errors():
+        import jax
+
+        from diffjax import parallel
+        from diffjax.study import Workdir, report, run_study
+
+        parallel.initialize(_DISTRIBUTED.value)
+        cfg = _CONFIG.value
+        if not _WORKDIR.value:
+            raise ValueError("--workdir: required; e.g. --workdir=workdir/study")
+        fail_after = cfg.debug.fail_after_batches
+        workdir = Workdir(_WORKDIR.value, is_writer=parallel.is_writer(),
+                          fail_after_batches=fail_after if fail_after > 0 else None,
+                          log=common.log)
+        common.log(f"diffjax study on {jax.device_count()} {jax.devices()[0].platform} "
+                   f"device(s), workdir {workdir.path}")
+        res = run_study(cfg, workdir, log=common.log)
+        if parallel.is_writer():
+            paths = report.write_all(res, workdir.path)
+            common.log(report.render_markdown(res).split("## Accuracy")[0].strip())
+            common.log("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
