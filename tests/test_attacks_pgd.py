@@ -33,6 +33,10 @@ def linear_problem(seed=0, batch=3):
     return params, jnp.asarray(x), jnp.asarray(y)
 
 
+def uniform(seed, shape, lo=0.0, hi=1.0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(lo, hi, size=shape), jnp.float32)
+
+
 def keys_for(b, seed=0):
     return jax.random.split(jax.random.key(seed), b)
 
@@ -88,6 +92,9 @@ def test_finds_the_minimal_flipping_eps(norm):
             assert bool(res.success[0]) == flips, (norm, factor, i)
 
 
+loss_and_grad = jax.jit(attacks.loss_and_grad, static_argnames=("loss", "gradient"))
+
+
 def toy_purify(x, keys, *, scale=0.1):
     """A smooth stochastic purifier: blur + per-example Gaussian noise, squashed to (0, 1)."""
     noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys)
@@ -101,15 +108,16 @@ def mlp_logits(params, x):
 
 
 def toy_defense(seed=0, classes=3):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    params = (jax.random.normal(k1, (D, 8)) / 2, jax.random.normal(k2, (8, classes)))
+    rng = np.random.default_rng(seed)
+    params = (jnp.asarray(rng.normal(size=(D, 8)) / 2, jnp.float32),
+              jnp.asarray(rng.normal(size=(8, classes)), jnp.float32))
     return Defense(Partial(toy_purify), Partial(mlp_logits, params))
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("linf", 0.6), ("l2", 0.5), ("l2", 3.0)])
 def test_perturbation_stays_in_ball_and_box(norm, eps):
     defense = toy_defense()
-    x = jax.random.uniform(jax.random.key(3), (5, H, W, 1))
+    x = uniform(3, (5, H, W, 1))
     x = x.at[0].set(0.0).at[1].set(1.0)  # images on the box's faces
     y = jnp.array([0, 1, 2, 0, 1], jnp.int32)
     cfg = PGDConfig(norm=norm, eps=eps, step_size=eps / 3, steps=4,
@@ -162,28 +170,29 @@ def test_losses_by_hand():
 
 def test_bpda_gradient_is_classifier_gradient_at_purified_point():
     defense = toy_defense()
-    x = jax.random.uniform(jax.random.key(1), (4, H, W, 1))
+    x = uniform(1, (4, H, W, 1))
     y = jnp.array([0, 1, 2, 0], jnp.int32)
     keys = keys_for(4, 2)
-    _, g, _ = attacks.loss_and_grad(defense, x, y, keys[None], loss="ce",
+    _, g, _ = loss_and_grad(defense, x, y, keys[None], loss="ce",
                                     gradient=Gradient("bpda"))
     purified = defense.purify(x, keys)
-    g_cls = jax.grad(lambda p: attacks.attack_loss(defense.logits_fn(p), y, "ce").sum())(purified)
+    g_cls = jax.jit(jax.grad(
+        lambda p: attacks.attack_loss(defense.logits_fn(p), y, "ce").sum()))(purified)
     np.testing.assert_allclose(g, g_cls, rtol=1e-6, atol=1e-7)
-    _, g_full, _ = attacks.loss_and_grad(defense, x, y, keys[None], loss="ce",
+    _, g_full, _ = loss_and_grad(defense, x, y, keys[None], loss="ce",
                                          gradient=Gradient("full"))
     assert not np.allclose(g, g_full)  # the purifier's Jacobian is not the identity
 
 
 def test_full_gradient_matches_finite_differences():
     defense = toy_defense()
-    x = jax.random.uniform(jax.random.key(4), (2, H, W, 1), minval=0.2, maxval=0.8)
+    x = uniform(4, (2, H, W, 1), 0.2, 0.8)
     y = jnp.array([1, 2], jnp.int32)
     keys = keys_for(2, 3)
-    _, g, _ = attacks.loss_and_grad(defense, x, y, keys[None], loss="ce",
+    _, g, _ = loss_and_grad(defense, x, y, keys[None], loss="ce",
                                     gradient=Gradient("full"))
-    f = lambda z: attacks.attack_loss(defense.logits(z, keys), y, "ce")
-    v = jax.random.normal(jax.random.key(5), x.shape)
+    f = jax.jit(lambda z: attacks.attack_loss(defense.logits(z, keys), y, "ce"))
+    v = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
     h = 1e-2
     fd = (f(x + h * v) - f(x - h * v)) / (2 * h)
     directional = jnp.sum((g * v).reshape(2, -1), axis=1)
@@ -192,19 +201,20 @@ def test_full_gradient_matches_finite_differences():
 
 def test_eot_k1_equals_full_and_chunking_is_exact():
     defense = toy_defense()
-    x = jax.random.uniform(jax.random.key(6), (3, H, W, 1))
+    x = uniform(6, (3, H, W, 1))
     y = jnp.array([0, 1, 2], jnp.int32)
     keys = keys_for(3, 4)
-    direct = jax.grad(lambda z: attacks.attack_loss(defense.logits(z, keys), y, "ce").sum())(x)
-    _, g1, _ = attacks.loss_and_grad(defense, x, y, keys[None], loss="ce",
+    direct = jax.jit(jax.grad(
+        lambda z: attacks.attack_loss(defense.logits(z, keys), y, "ce").sum()))(x)
+    _, g1, _ = loss_and_grad(defense, x, y, keys[None], loss="ce",
                                      gradient=Gradient("full", eot=1))
     np.testing.assert_allclose(g1, direct, rtol=1e-6, atol=1e-7)
     draws = jax.random.split(jax.random.key(9), (4, 3))
-    singles = [attacks.loss_and_grad(defense, x, y, draws[i][None], loss="ce",
+    singles = [loss_and_grad(defense, x, y, draws[i][None], loss="ce",
                                      gradient=Gradient("full"))[1] for i in range(4)]
-    _, g_vmap, _ = attacks.loss_and_grad(defense, x, y, draws, loss="ce",
+    _, g_vmap, _ = loss_and_grad(defense, x, y, draws, loss="ce",
                                          gradient=Gradient("full", eot=4))
-    _, g_chunk, _ = attacks.loss_and_grad(defense, x, y, draws, loss="ce",
+    _, g_chunk, _ = loss_and_grad(defense, x, y, draws, loss="ce",
                                           gradient=Gradient("full", eot=4, eot_batch_size=2))
     np.testing.assert_allclose(g_vmap, np.mean(singles, axis=0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(g_chunk, g_vmap, rtol=1e-5, atol=1e-7)
