@@ -158,7 +158,8 @@ def test_sample_rate_at_small_radius_approaches_jacobian_rate():
     assert np.all(mean <= np.asarray(rms) + 1e-6)  # Jensen
     np.testing.assert_allclose(mean, jac, rtol=0.03)
     # At a large radius the tanh saturates: the rate differs from the local one.
-    far = np.asarray(metrics.compression_rate(f, x0, method="sample", key=key, radius=30.0))
+    far = np.asarray(metrics.compression_rate(f, x0, method="sample", key=key, radius=30.0,
+                                              num_samples=400))  # same compiled program
     assert np.all(far < 0.8 * jac)
 
 
@@ -228,7 +229,7 @@ def test_purifier_closing_over_a_fixed_key():
 
     def make(method):
         return lambda x: diffusion.purify(eps_fn, x[None], key[None], schedule=schedule,
-                                          t_star=20, method=method, num_steps=4)[0]
+                                          t_star=10, method=method, num_steps=2)[0]
 
     purifier = make("ddpm")
     r1 = metrics.compression_rate(purifier, x0)
@@ -237,13 +238,9 @@ def test_purifier_closing_over_a_fixed_key():
     assert np.all((np.asarray(r1) > 0) & (np.asarray(r1) < 1))  # purification compresses
     sv = metrics.jacobian_singular_values(purifier, x0)
     np.testing.assert_allclose(r1, np.sqrt(np.mean(np.asarray(sv) ** 2, axis=1)), rtol=1e-4)
-    # The sample rate at a small radius agrees with the Jacobian rate (f is nearly linear).
-    rs = metrics.compression_rate(purifier, x0, method="sample", key=jax.random.key(1),
-                                  radius=1e-2, reduction="rms", num_samples=100)
-    np.testing.assert_allclose(rs, r1, rtol=0.1)
     # A different fixed key gives a different (deterministic) function.
     other = lambda x: diffusion.purify(eps_fn, x[None], jax.random.key(12)[None],
-                                       schedule=schedule, t_star=20, num_steps=4)[0]
+                                       schedule=schedule, t_star=10, num_steps=2)[0]
     assert not np.allclose(purifier(x0[0]), other(x0[0]))
 
 

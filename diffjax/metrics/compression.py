@@ -171,6 +171,22 @@ def _all_finite(*arrays):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
+def _chunked_map(fn: Callable, n: int, chunk_size: int):
+    """``stack([fn(i) for i in range(n)])``, `vmap`ped over chunks of at most `chunk_size`
+    under `lax.map`. The chunks are balanced and the index range padded to a whole number
+    of them (padded results are dropped), so the body is compiled once, not twice as
+    `lax.map(batch_size=...)` does for a remainder."""
+    num_chunks = -(-n // chunk_size)
+    size = -(-n // num_chunks)
+    idx = jnp.arange(num_chunks * size)
+    if num_chunks == 1:
+        out = jax.vmap(fn)(idx)
+    else:
+        out = jax.lax.map(jax.vmap(fn), idx.reshape(num_chunks, size))
+        out = jax.tree.map(lambda a: a.reshape(num_chunks * size, *a.shape[2:]), out)
+    return jax.tree.map(lambda a: a[:n], out)
+
+
 def _basis_products(g, xf, d_out: int, chunk_size: int, ad_mode: str, fn_of_vec: Callable):
     """Applies `fn_of_vec` to every column (forward) or row (reverse) of the Jacobian of `g`
     at `xf`, `chunk_size` products at a time; returns the stacked results."""
@@ -179,7 +195,7 @@ def _basis_products(g, xf, d_out: int, chunk_size: int, ad_mode: str, fn_of_vec:
         def one(i):
             e = jax.nn.one_hot(i, d_in, dtype=xf.dtype)
             return fn_of_vec(jax.jvp(g, (xf,), (e,))[1])
-        n = d_in
+        n = d_in  # one_hot of a padded index is zero: harmless, and dropped
     else:
         y, vjp_fn = jax.vjp(g, xf)
 
@@ -187,7 +203,7 @@ def _basis_products(g, xf, d_out: int, chunk_size: int, ad_mode: str, fn_of_vec:
             e = jax.nn.one_hot(i, d_out, dtype=y.dtype)
             return fn_of_vec(vjp_fn(e)[0])
         n = d_out
-    return jax.lax.map(one, jnp.arange(n), batch_size=min(chunk_size, n))
+    return _chunked_map(one, n, chunk_size)
 
 
 def _rate_exact(g, xf, key, *, d_out, chunk_size, ad_mode, **_):
@@ -209,12 +225,11 @@ def _rate_hutchinson(g, xf, key, *, d_out, chunk_size, ad_mode, num_probes, **_)
         product = lambda u: vjp_fn(u)[0]
         dim = d_out
 
-    def probe(k):
-        v = jax.random.rademacher(k, (dim,), dtype=xf.dtype)
+    def probe(i):
+        v = jax.random.rademacher(jax.random.fold_in(key, i), (dim,), dtype=xf.dtype)
         return jnp.sum(jnp.square(product(v)))
 
-    est = jax.lax.map(probe, jax.random.split(key, num_probes),
-                      batch_size=min(chunk_size, num_probes))
+    est = _chunked_map(probe, num_probes, chunk_size)
     frob2 = jnp.mean(est)
     se_frob2 = jnp.std(est, ddof=1) / math.sqrt(num_probes)
     rate = jnp.sqrt(frob2 / d_in)
@@ -226,16 +241,15 @@ def _rate_hutchinson(g, xf, key, *, d_out, chunk_size, ad_mode, num_probes, **_)
 def _rate_sample(g, xf, key, *, num_samples, radius, chunk_size, clip_to_unit, reduction, **_):
     y0 = g(xf)
 
-    def one(k):
-        z = jax.random.normal(k, xf.shape, xf.dtype)
+    def one(i):
+        z = jax.random.normal(jax.random.fold_in(key, i), xf.shape, xf.dtype)
         xp = xf + radius * z / jnp.linalg.norm(z)
         if clip_to_unit:
             xp = jnp.clip(xp, 0.0, 1.0)
         dist = jnp.maximum(jnp.linalg.norm(xp - xf), jnp.finfo(xf.dtype).tiny)
         return jnp.linalg.norm(g(xp) - y0) / dist
 
-    ratios = jax.lax.map(one, jax.random.split(key, num_samples),
-                         batch_size=min(chunk_size, num_samples))
+    ratios = _chunked_map(one, num_samples, chunk_size)
     sqrt_n = math.sqrt(num_samples)
     if reduction == "mean":
         rate = jnp.mean(ratios)
