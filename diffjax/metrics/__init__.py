@@ -3,6 +3,9 @@
 - `compression_rate`, `jacobian_singular_values`, `jacobian_top_singular_values`,
   `fraction_below` (`diffjax.metrics.compression`): how strongly a map shrinks the input
   space (paper Sec. 5).
+- `l1_distance`, `l2_distance`, `linf_distance`, `ssim`, `psnr`, `snr`,
+  `distances_to_clean` (`diffjax.metrics.distances`): per-example distance and similarity
+  to the clean image (paper Sec. 3.1).
 """
 
 from diffjax.metrics.compression import (
@@ -12,6 +15,15 @@ from diffjax.metrics.compression import (
     jacobian_singular_values,
     jacobian_top_singular_values,
 )
+from diffjax.metrics.distances import (
+    distances_to_clean,
+    l1_distance,
+    l2_distance,
+    linf_distance,
+    psnr,
+    snr,
+    ssim,
+)
 
 __all__ = [
     "EXACT_MAX_DIM",
@@ -19,4 +31,11 @@ __all__ = [
     "fraction_below",
     "jacobian_singular_values",
     "jacobian_top_singular_values",
+    "distances_to_clean",
+    "l1_distance",
+    "l2_distance",
+    "linf_distance",
+    "psnr",
+    "snr",
+    "ssim",
 ]
