@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (experiments/configs).")
@@ -199,6 +199,7 @@ def main(argv):
         sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required (checkpoints go to WORKDIR/checkpoints)")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
         run(_CONFIG.value, _WORKDIR.value, _EXPORT.value, _PROGRESS.value)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
