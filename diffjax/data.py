@@ -61,6 +61,7 @@ __all__ = [
     "train_batches",
     "train_indices",
     "num_batches",
+    "resize_center_crop",
 ]
 
 DIGITS_SPLIT_SEED = 0
