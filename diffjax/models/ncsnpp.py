@@ -33,6 +33,7 @@ computes `score = -model(x, labels) / std(t)` and its loss is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -465,11 +466,34 @@ def build(config: dict) -> NCSNpp:
     return NCSNpp.from_config(config)
 
 
-def init(module: NCSNpp, config: dict, key) -> dict:
-    """Random DDPM-style initial variables `{"params": ...}` (one image, label 0)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _init(module: NCSNpp, key) -> dict:
     cfg = module.cfg
     x = jnp.zeros((1, cfg["image_size"], cfg["image_size"], cfg["num_channels"]), jnp.float32)
     return {"params": module.init(key, x, jnp.zeros((1,), jnp.float32))["params"]}
+
+
+def init(module: NCSNpp, config: dict, key) -> dict:
+    """Random DDPM-style initial variables `{"params": ...}` (compiled: fast for 106M params).
+
+    Args:
+      module: the `NCSNpp` module (its own config is used; `config` is accepted for the
+        `ModelSpec` contract).
+      config: the config dict it was built from.
+      key: a `jax.random.key`.
+
+    Returns:
+      `{"params": ...}`.
+    """
+    del config
+    return _init(module, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: NCSNpp, variables, x, labels):
+    # Jitted (and cached per architecture) so that calling eps_fn outside jit is not run
+    # op by op; inside an outer jit this is simply inlined.
+    return module.apply(variables, x, labels, train=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,7 +520,7 @@ class _EpsFn:
                              f"min {int(tv.min())}, max {int(tv.max())}")
         # Index i -> continuous time i / 999 -> score_sde's label (i / 999) * 999 = i.
         labels = t.astype(jnp.float32)
-        return self.module.apply(variables, x_t.astype(jnp.float32), labels, train=False)
+        return _apply(self.module, variables, x_t.astype(jnp.float32), labels)
 
 
 def make_fn(module: NCSNpp, config: dict, variables: dict):
