@@ -150,9 +150,9 @@ def convert_pytorch(src: str, model_config: dict | None = None) -> Converted:
         list of the wrong length or shapes), a truncated or HTML file (via `common`).
     """
     cfg = ncsnpp.validate_config(model_config)
+    state = common.load_state_dict(src)  # a bad file fails here, before any tracing
     shapes = flax_shapes(cfg)
     entries = name_map(cfg, shapes)
-    state = common.load_state_dict(src)
     ema = _ema_tensors(state)
     meta = {"reference_config": cfg}
     if ema is None:
@@ -223,9 +223,9 @@ def convert_flax(src: str, model_config: dict | None = None) -> Converted:
         truncated or HTML file.
     """
     cfg = ncsnpp.validate_config(model_config)
-    shapes = flax_shapes(cfg)
     path = pathlib.Path(src).expanduser()
     state = _read_msgpack(path)
+    shapes = flax_shapes(cfg)
     if "params_ema" in state:
         params = state["params_ema"]
     elif "Conv_0" in state:  # a bare parameter tree
