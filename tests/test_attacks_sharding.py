@@ -1,0 +1,96 @@
+"""Sharded over 8 simulated CPU devices, the dataset evaluation equals the single-device one.
+
+The 8-device run happens in a subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=8`
+must be set before JAX starts); this process, with one CPU device, runs the same evaluation.
+The defense is a DDPM purifier (`diffjax.diffusion.purify`, 2 reverse steps) over a tiny
+convolutional eps-model, then a convolutional classifier: per-example results must agree
+bit for bit (they are written as JSON floats and compared exactly).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from diffjax import attacks, diffusion
+from diffjax.defense import Defense, make_purifier
+
+HERE = pathlib.Path(__file__).resolve().parent
+CHILD = """
+import sys
+sys.path.insert(0, {here!r})
+import jax
+assert jax.local_device_count() == 8, jax.local_device_count()
+from diffjax.attacks import protocols
+import test_attacks_sharding as t
+orig, seen = protocols._core_jit, []
+def spy(*args, **kwargs):
+    out = orig(*args, **kwargs)
+    seen.append(len(out["adv_correct"].sharding.device_set))
+    return out
+protocols._core_jit = spy
+t.evaluate({path!r}, {protocol!r})
+assert seen and all(s == 8 for s in seen), seen
+"""
+
+
+def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def eps_fn(params, x_t, t):
+    del t
+    return jnp.tanh(conv(x_t, params))
+
+
+def cnn_logits(params, x):
+    w1, w2 = params
+    h = jax.nn.relu(conv(x, w1))
+    return jnp.mean(h, axis=(1, 2)) @ w2
+
+
+def build(n=13):
+    rng = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32)
+    purifier = make_purifier(Partial(eps_fn, f(3, 3, 1, 1)), schedule=diffusion.linear_schedule(),
+                             t_star=50, method="ddpm", num_steps=2)
+    params = (f(3, 3, 1, 6), f(6, 3))
+    defense = Defense(purifier, Partial(cnn_logits, params))
+    x = rng.uniform(0.0, 1.0, size=(n, 4, 4, 1)).astype(np.float32)
+    y = np.asarray(jnp.argmax(cnn_logits(params, jnp.asarray(x)), -1)).astype(np.int32)
+    return defense, x, y
+
+
+def evaluate(path, protocol):
+    import test_attacks_evaluate as ev
+
+    defense, x, y = build(13)
+    # Batches of 8 (one example per device; the last batch 5 real rows + 3 masked ones).
+    return attacks.evaluate_dataset(
+        defense, ev.batches_of(x, y, 8), config=ev.CFG, protocol=protocol,
+        key=jax.random.key(3), out_path=str(path), eval_draws=2, progress=False)
+
+
+def test_eight_devices_equal_one(tmp_path):
+    sys.path.insert(0, str(HERE))
+    protocol = "independent"
+    single, multi = tmp_path / "one.jsonl", tmp_path / "eight.jsonl"
+    assert jax.local_device_count() == 1
+    s1 = evaluate(single, protocol)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    code = CHILD.format(here=str(HERE), path=str(multi), protocol=protocol)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, r1 = attacks.read_results(str(single))
+    _, r8 = attacks.read_results(str(multi))
+    assert len(r1) == 13
+    assert sorted(r1, key=lambda r: r["id"]) == sorted(r8, key=lambda r: r["id"])
+    assert attacks.summarize(r8) == s1
