@@ -145,6 +145,16 @@ def test_ema_list_of_wrong_length_or_order(reference_dir, small_cfg, tmp_path):
         score_sde.convert_pytorch(str(tmp_path / "swapped.pth"), small_cfg)
 
 
+@pytest.mark.torch
+def test_checkpoint_without_ema_uses_model_weights(reference_dir, small_cfg, tmp_path):
+    torch, ckpt = _load_torch_ckpt(reference_dir)
+    torch.save({"model": ckpt["model"], "step": 3}, tmp_path / "no_ema.pth")
+    conv = score_sde.convert_pytorch(str(tmp_path / "no_ema.pth"), small_cfg)
+    assert conv.meta["weights"].startswith("model")
+    ref = score_sde.convert_pytorch(str(reference_dir / SAFETENSORS), small_cfg)
+    jax.tree.map(np.testing.assert_array_equal, conv.variables, ref.variables)
+
+
 # ----------------------------------------------------------------------------- bad files
 
 

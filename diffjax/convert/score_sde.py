@@ -156,10 +156,14 @@ def convert_pytorch(src: str, model_config: dict | None = None) -> Converted:
     ema = _ema_tensors(state)
     meta = {"reference_config": cfg}
     if ema is None:
-        sd = common.strip_prefix(state)
+        model_sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        if model_sd and any(k.startswith("module.") for k in model_sd):
+            # A training checkpoint without its EMA: fall back to the raw weights, say so.
+            sd, meta["weights"] = common.strip_prefix(model_sd), "model (no EMA in the file)"
+        else:
+            sd, meta["weights"] = common.strip_prefix(state), "state_dict"
         variables = common.apply_name_map(sd, entries, shapes, _WHAT,
                                           ignore=lambda k: k in _BUFFERS)
-        meta["weights"] = "state_dict"
     else:
         model_sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         if model_sd:  # check the architecture by name before trusting the EMA's positions
