@@ -1,0 +1,49 @@
+"""Subprocess: the peak-RSS growth of one peer gradient (see `timing.rss_probe`).
+
+``python -m experiments.bench.memprobe MODEL_DIR ARRAYS.npz T_STAR NUM_STEPS CKPT`` loads
+the diffusers U-Net and the arrays, runs one no-grad forward as a baseline (allocator and
+thread pools warmed), then one full gradient, and prints ``{"rss_delta_mb": ...}``: the
+growth of ``ru_maxrss`` during the gradient. Imports neither JAX nor diffjax, so nothing
+else lives in the process.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+import numpy as np
+import torch
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def main(argv: list[str]) -> None:
+    """Runs the probe described in the module docstring."""
+    from diffusers import UNet2DModel
+
+    from experiments.bench.peer import PeerPurifier, to_nchw
+
+    model_dir, path, t_star, num_steps, ckpt = argv
+    torch.set_num_threads(2)
+    a = np.load(path)
+    model = UNet2DModel.from_pretrained(model_dir).eval().requires_grad_(False)
+    taus = a["taus"]
+    pur = PeerPurifier(model, a["alphas_cumprod"], int(t_star), taus)
+    assert len(taus) == int(num_steps)
+    x = to_nchw(a["x"])
+    noises = torch.stack([to_nchw(n) for n in a["noises"]])
+    w = torch.from_numpy(a["w"])
+    labels = torch.from_numpy(a["labels"]).long()
+    with torch.no_grad():
+        pur(x, noises)
+    base = _maxrss_mb()
+    pur.grad(x, noises, w, labels, checkpoint=bool(int(ckpt)))
+    print(json.dumps({"rss_delta_mb": _maxrss_mb() - base, "baseline_mb": base}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,59 @@
+r"""Benchmarks: diffjax against the PyTorch way (diffusers + a Python loop), on this CPU.
+
+Usage::
+
+    python -m experiments.benchmarks --out=/tmp/bench --quick   # < 3 minutes, 2 cores
+    python -m experiments.benchmarks --out=/tmp/bench           # the full CPU suite
+
+Writes ``OUT/benchmarks.json`` (``{case: {"diffjax_s", "peer_s", "ratio", ...}}``, see
+`experiments.bench.report`) and ``OUT/benchmarks.md``; prints one line per case. The cases
+and how each figure is measured: `experiments.bench.cases`, `experiments.bench.timing`;
+the results and what limits them: BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and benchmarks.md.",
+                           required=True)
+_QUICK = flags.DEFINE_boolean("quick", False, "The quick suite (< 3 minutes on 2 cores).")
+_SIZE = flags.DEFINE_enum("settings", None, ["quick", "full", "tiny"],
+                          "Overrides --quick: the named settings.")
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+    from experiments.bench import cases, report, timing
+
+    name = _SIZE.value or ("quick" if _QUICK.value else "full")
+    settings = {"quick": cases.quick_settings, "full": cases.full_settings,
+                "tiny": cases.tiny_settings}[name]()
+    load0 = timing.loadavg()
+    print(f"benchmarks ({name}); load average {load0}", flush=True)
+    t0 = time.perf_counter()
+    results, info = cases.run_all(settings, log=lambda s: print(s, flush=True))
+    total = time.perf_counter() - t0
+    import dataclasses
+
+    meta = {"command": "python -m experiments.benchmarks " + " ".join(sys.argv[1:]),
+            "settings": dataclasses.asdict(settings), "machine": report.machine_info(),
+            "models": info, "loadavg_before": load0, "loadavg_after": timing.loadavg(),
+            "total_s": total, "time_unit": "seconds per image (median over repeats)",
+            "memory": "diffjax_peak_mb: XLA memory_analysis temp+output of the compiled "
+                      "program; peer_peak_mb: ru_maxrss growth during one gradient in a fresh "
+                      "subprocess; peer_saved_mb: tensors saved by autograd"}
+    jpath, mpath = report.write(_OUT.value, results, meta)
+    print(f"wrote {jpath} and {mpath} in {total:.1f} s; load average {meta['loadavg_after']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
