@@ -97,6 +97,7 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     weight_decay: float = 0.0,
+    optimizer: str = "adam",
 ) -> optax.GradientTransformation:
     """Adam (AdamW when `weight_decay > 0`) with a linear warm-up and grad-norm clipping.
 
@@ -110,7 +111,10 @@ def make_optimizer(
       total_steps: needed for ``decay="cosine"`` (cosine to 0 at `total_steps`).
       decay: ``"constant"`` after warm-up, or ``"cosine"``.
       b1, b2: Adam's moment decays.
-      weight_decay: decoupled weight decay (AdamW); 0 for plain Adam.
+      weight_decay: decoupled weight decay (AdamW); 0 for plain Adam. With
+        ``optimizer="sgd"``: L2 weight decay added to the gradient (as in the WRN recipe).
+      optimizer: ``"adam"`` or ``"sgd"`` (Nesterov momentum `b1`; the WideResNet recipe:
+        lr 0.1, momentum 0.9, weight decay 5e-4).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -130,7 +134,12 @@ def make_optimizer(
     if grad_clip is not None:
         parts.append(optax.clip_by_global_norm(
             _checks.check_number(grad_clip, "grad_clip", lo=0.0, lo_open=True)))
-    if weight_decay:
+    _checks.check_choice(optimizer, "optimizer", ("adam", "sgd"))
+    if optimizer == "sgd":
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.sgd(sched, momentum=b1, nesterov=True))
+    elif weight_decay:
         parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
     else:
         parts.append(optax.adam(sched, b1=b1, b2=b2))
@@ -204,6 +213,7 @@ def make_ddpm_step(
     *,
     key,
     ema_decay: float,
+    random_flip: bool = False,
 ) -> Callable:
     """A jitted DDPM training step `step(state, batch) -> (state, metrics)`.
 
@@ -216,6 +226,8 @@ def make_ddpm_step(
       schedule: the noise schedule the model is trained for.
       key: the run's base key for timesteps, noise and dropout.
       ema_decay: the EMA decay in [0, 1) (DDPM: 0.9999; the short digits run: 0.995).
+      random_flip: flip each image left-right with probability 1/2 (Ho et al.'s CIFAR-10
+        training; not for digits, whose mirror images are not digits).
 
     Returns:
       `step(state, batch)` where `batch.images` is float32 `[B, H, W, C]` in [0, 1];
@@ -228,8 +240,13 @@ def make_ddpm_step(
 
     def step(state: TrainState, batch):
         k = jax.random.fold_in(key, state.step)
+        images = batch.images
+        if random_flip:
+            k, k_flip = jax.random.split(k)
+            flip = jax.random.bernoulli(k_flip, 0.5, (images.shape[0], 1, 1, 1))
+            images = jnp.where(flip, images[:, :, ::-1], images)
         loss, grads = jax.value_and_grad(ddpm_loss, argnums=1)(
-            apply_fn, state.params, batch.images, k, schedule)
+            apply_fn, state.params, images, k, schedule)
         new = _apply_update(state, tx, grads, state.batch_stats, ema_decay)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
@@ -287,6 +304,7 @@ def make_classifier_step(
     key,
     ema_decay: float,
     max_shift: int = 0,
+    random_flip: bool = False,
 ) -> Callable:
     """A jitted classifier training step `step(state, batch) -> (state, metrics)`.
 
@@ -299,7 +317,8 @@ def make_classifier_step(
       tx: the optimiser.
       key: the run's base key (augmentation, dropout).
       ema_decay: the EMA decay of the parameters.
-      max_shift: random-shift augmentation in pixels (0: none).
+      max_shift: random-shift augmentation in pixels (0: none; CIFAR-10: 4).
+      random_flip: random left-right flips (CIFAR-10; not digits).
 
     Returns:
       `step(state, batch)` with `batch.images` `[B, H, W, C]` in [0, 1] and `batch.labels`
@@ -323,6 +342,10 @@ def make_classifier_step(
     def step(state: TrainState, batch):
         k_aug, k_drop = jax.random.split(jax.random.fold_in(key, state.step))
         images = random_shift(batch.images, k_aug, max_shift)
+        if random_flip:
+            flip = jax.random.bernoulli(jax.random.fold_in(k_aug, 1), 0.5,
+                                        (images.shape[0], 1, 1, 1))
+            images = jnp.where(flip, images[:, :, ::-1], images)
         (loss, (acc, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, images, batch.labels, k_drop)
         new = _apply_update(state, tx, grads, bs, ema_decay)

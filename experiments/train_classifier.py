@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shlex
 import sys
 import time
@@ -51,7 +52,8 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
     tc = config.train
     tx = train.make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
                               grad_clip=tc.grad_clip or None, total_steps=tc.steps,
-                              decay=tc.decay, weight_decay=tc.weight_decay)
+                              decay=tc.decay, weight_decay=tc.weight_decay,
+                              optimizer=tc.get("optimizer", "adam"))
     mesh = train.make_mesh()
     state = train.replicate(train.init_state(variables, tx), mesh)
     mngr = train.checkpoint_manager(workdir)
@@ -64,7 +66,8 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
         data_dir=config.data_dir or None, process_index=jax.process_index(),
         process_count=jax.process_count())
     step_fn = train.make_classifier_step(module, tx, key=k_train, ema_decay=tc.ema_decay,
-                                         max_shift=tc.max_shift)
+                                         max_shift=tc.max_shift,
+                                         random_flip=tc.get("random_flip", False))
     state, history = train.fit(
         step_fn, state, batches, num_steps=tc.steps, mngr=mngr, save_every=tc.save_every,
         log_every=tc.log_every, to_device=lambda b: train.shard_batch(b, mesh),
@@ -103,6 +106,26 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
     return metrics
 
 
+def _one_line(e: BaseException) -> str:
+    msg = str(e).replace("\\n", " ").replace("\\'", "'")
+    if "Traceback (most recent call last)" in msg:  # config_flags embeds a traceback
+        head = msg.split("Traceback")[0]
+        last = re.findall(r"\b\w+(?:Error|Exception): .*", msg)
+        msg = head + (last[-1] if last else "")
+    msg = " ".join(msg.split())
+    if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+        msg = msg[1:-1]
+    return msg
+
+
+def _parse_flags(argv):
+    """absl's parser, with a one-line error instead of a traceback for bad flags."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {_one_line(e)}")
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
@@ -110,12 +133,14 @@ def main(argv):
         sys.exit("error: --workdir is required (checkpoints go to WORKDIR/checkpoints)")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
-        run(_CONFIG.value, _WORKDIR.value, _EXPORT.value, _PROGRESS.value)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError) as e:
-        sys.exit(f"error: {e}")
+        config = _CONFIG.value
+        if config is None:
+            sys.exit("error: --config is required, e.g. --config=experiments/configs/"
+                     "digits_ddpm.py")
+        run(config, _WORKDIR.value, _EXPORT.value, _PROGRESS.value)
+    except (ValueError, OSError, KeyError) as e:  # OSError: missing files, bad paths
+        sys.exit(f"error: {_one_line(e)}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -186,3 +186,85 @@ def test_data_parallel_matches_one_device():
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "DP-OK" in res.stdout
+
+
+CONFIGS = ["digits_ddpm", "digits_classifier", "cifar10_ddpm", "cifar10_classifier"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "quick"])
+def test_configs_build(name, arg):
+    import importlib
+
+    from diffjax import models
+
+    cfg = importlib.import_module(f"experiments.configs.{name}").get_config(arg)
+    assert cfg.dataset in data.NAMES
+    models.build(cfg.model.kind, cfg.model.config.to_dict())
+    if arg == "quick":
+        assert cfg.train.steps <= 20
+    with pytest.raises(ValueError, match="quick"):
+        importlib.import_module(f"experiments.configs.{name}").get_config("bogus")
+
+
+def _script(module, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", f"experiments.{module}", *args], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_scripts_train_resume_and_export(tmp_path):
+    """Both scripts end to end on tiny settings: train, resume, export, load back."""
+    from diffjax import pretrained
+
+    tiny = ["--config.model.config.ch=8", "--config.model.config.num_groups=4"]
+    ddpm = ["--config=experiments/configs/digits_ddpm.py:quick", f"--workdir={tmp_path}/d",
+            "--config.train.steps=2", "--progress=false", *tiny]
+    clf = ["--config=experiments/configs/digits_classifier.py:quick",
+           f"--workdir={tmp_path}/c", "--config.train.steps=3", "--progress=false",
+           "--config.model.config.dense=8",
+           f"--export_dir={tmp_path}/clf"]
+    p1, p2 = _script("train_diffusion", *ddpm), _script("train_classifier", *clf)
+    rc, out, err = _finish(p1)
+    assert rc == 0, err[-2000:]
+    # Resume to step 4 and export, with the purification figure and a sample grid.
+    p1 = _script("train_diffusion", *ddpm[:2], "--config.train.steps=4", *ddpm[3:],
+                 f"--export_dir={tmp_path}/ddpm", "--config.eval.classifier=digits_classifier",
+                 "--config.eval.num_examples=8", "--config.eval.batch_size=8",
+                 "--config.eval.methods=ddpm", "--config.eval.num_steps=2",
+                 f"--config.eval.samples_png={tmp_path}/s.png", "--config.eval.num_samples=4",
+                 "--config.eval.sample_steps=2")
+    rc2, out2, err2 = _finish(p2)
+    assert rc2 == 0, err2[-2000:]
+    rc, out, err = _finish(p1)
+    assert rc == 0, err[-2000:]
+    assert "resuming from step 2" in out
+    m = pretrained.load(tmp_path / "ddpm")
+    metrics = m.meta["meta"]["metrics"]
+    assert metrics["steps"] == 4 and "--export_dir=" in m.meta["meta"]["command"]
+    assert 0.0 <= metrics["purification"]["purified_accuracy"]["ddpm"] <= 1.0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    c = pretrained.load(tmp_path / "clf")
+    assert c.meta["meta"]["metrics"]["eval_examples"] == 64
+    assert c.logits_fn(jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
+
+
+def test_scripts_bad_flags_one_line_error(tmp_path):
+    procs = [
+        _script("train_diffusion", "--config=experiments/configs/nope.py", f"--workdir={tmp_path}"),
+        _script("train_classifier", "--config=experiments/configs/digits_classifier.py:quick",
+                f"--workdir={tmp_path}", "--config.train.stepz=3"),
+        _script("train_classifier", "--config=experiments/configs/digits_classifier.py:quick"),
+    ]
+    for p, expect in zip(procs, ["nope.py", "stepz", "--workdir"], strict=True):
+        rc, out, err = _finish(p, 120)
+        assert rc == 1
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], err
