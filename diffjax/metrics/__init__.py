@@ -6,6 +6,9 @@
 - `l1_distance`, `l2_distance`, `linf_distance`, `ssim`, `psnr`, `snr`,
   `distances_to_clean` (`diffjax.metrics.distances`): per-example distance and similarity
   to the clean image (paper Sec. 3.1).
+- `fid`, `fid_from_features`, `frechet_distance`, `feature_statistics`,
+  `compute_features`, `penultimate_features`, `save_statistics`, `load_statistics`
+  (`diffjax.metrics.fid`): the Frechet distance with a pluggable feature extractor.
 """
 
 from diffjax.metrics.compression import (
@@ -24,6 +27,16 @@ from diffjax.metrics.distances import (
     snr,
     ssim,
 )
+from diffjax.metrics.fid import (
+    compute_features,
+    feature_statistics,
+    fid,
+    fid_from_features,
+    frechet_distance,
+    load_statistics,
+    penultimate_features,
+    save_statistics,
+)
 
 __all__ = [
     "EXACT_MAX_DIM",
@@ -38,4 +51,12 @@ __all__ = [
     "psnr",
     "snr",
     "ssim",
+    "compute_features",
+    "feature_statistics",
+    "fid",
+    "fid_from_features",
+    "frechet_distance",
+    "load_statistics",
+    "penultimate_features",
+    "save_statistics",
 ]
