@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import _checks
-from diffjax.models import ModelSpec
+from diffjax.models import ModelSpec, layers
 
 __all__ = [
     "NCSNpp",
@@ -266,8 +266,8 @@ def _group_norm(name: str):
 
 def _conv(features: int, size: int, name: str, init_scale: float = 1.0):
     pad = size // 2
-    return nn.Conv(features, (size, size), padding=((pad, pad), (pad, pad)), name=name,
-                   kernel_init=_default_init(init_scale))
+    return layers.Conv(features, (size, size), padding=((pad, pad), (pad, pad)), name=name,
+                       kernel_init=_default_init(init_scale))
 
 
 def _dense(features: int, name: str):
