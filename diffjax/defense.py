@@ -90,8 +90,10 @@ class Defense:
 
     def num_classes(self, x) -> int:
         """The number of classes, from the logits' shape (no computation, `eval_shape`)."""
-        keys = jax.random.split(jax.random.key(0), x.shape[0])
-        out = jax.eval_shape(self.logits, jax.ShapeDtypeStruct(x.shape, x.dtype), keys)
+        def f(z):
+            return self.logits(z, jax.random.split(jax.random.key(0), z.shape[0]))
+
+        out = jax.eval_shape(f, jax.ShapeDtypeStruct(x.shape, x.dtype))
         return int(out.shape[-1])
 
     @property

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from diffjax import attacks, diffusion
+from diffjax import attacks, diffusion, parallel, randomness
 from diffjax.defense import Defense, make_purifier
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -36,6 +36,7 @@ def spy(*args, **kwargs):
 protocols._core_jit = spy
 t.evaluate({path!r}, {protocol!r})
 assert seen and all(s == 8 for s in seen), seen
+t.explicit_mesh_run({path!r} + ".explicit", {protocol!r})
 """
 
 
@@ -67,14 +68,32 @@ def build(n=13):
     return defense, x, y
 
 
+CFG = attacks.PGDConfig(norm="linf", eps=0.05, step_size=0.02, steps=2,
+                        gradient=attacks.Gradient("full", eot=2))
+KEY = 3
+
+
 def evaluate(path, protocol):
     import test_attacks_evaluate as ev
 
     defense, x, y = build(13)
     # Batches of 8 (one example per device; the last batch 5 real rows + 3 masked ones).
     return attacks.evaluate_dataset(
-        defense, ev.batches_of(x, y, 8), config=ev.CFG, protocol=protocol,
-        key=jax.random.key(3), out_path=str(path), eval_draws=2, progress=False)
+        defense, ev.batches_of(x, y, 8), config=CFG, protocol=protocol,
+        key=jax.random.key(KEY), out_path=str(path), eval_draws=2, progress=False)
+
+
+def explicit_mesh_run(path, protocol):
+    """attack_and_evaluate on inputs placed on an Explicit-axes mesh (jax.make_mesh's default),
+    as `diffjax.parallel.shard_batch` places them; writes adv_correct per example id."""
+    defense, x, y = build(13)
+    mesh = parallel.data_mesh()
+    keys = randomness.example_keys(jax.random.key(KEY), jnp.arange(13))
+    xs, ys, ks, n = parallel.shard_batch(mesh, jnp.asarray(x), jnp.asarray(y), keys)
+    out = attacks.attack_and_evaluate(defense, xs, ys, ks, config=CFG, protocol=protocol,
+                                      eval_draws=2)
+    assert out["adv_correct"].sharding.mesh == mesh  # results come back on the caller's mesh
+    np.save(path + ".npy", np.asarray(out["adv_correct_mean"])[:n])
 
 
 def test_eight_devices_equal_one(tmp_path):
@@ -94,3 +113,6 @@ def test_eight_devices_equal_one(tmp_path):
     assert len(r1) == 13
     assert sorted(r1, key=lambda r: r["id"]) == sorted(r8, key=lambda r: r["id"])
     assert attacks.summarize(r8) == s1
+    explicit = np.load(str(multi) + ".explicit.npy")
+    np.testing.assert_array_equal(
+        explicit, [r["adv_correct_mean"] for r in sorted(r1, key=lambda r: r["id"])])

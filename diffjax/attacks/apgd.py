@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import _checks
-from diffjax.attacks import gradients, streams
+from diffjax.attacks import _sharding, gradients, streams
 from diffjax.attacks.pgd import NORMS, PGDResult, _bcast, _flat_norm, project
 
 __all__ = ["APGDConfig", "apgd_attack", "checkpoint_schedule"]
@@ -127,9 +127,12 @@ def apgd_attack(defense, x, y, example_keys, *, config: APGDConfig, protocol: st
         _checks.fail("config", "an APGDConfig", type(config).__name__)
     example_keys = _validate(defense, x, y, example_keys, protocol, config.gradient)
     static = dataclasses.replace(config, eps=0.0)
-    return _apgd_jit(defense, x, jnp.asarray(y, jnp.int32), example_keys,
-                     jnp.float32(config.eps), jnp.float32(0.0), static=static,
-                     protocol=protocol)
+    like = x
+    defense, x, y, example_keys = _sharding.to_auto((defense, x, y, example_keys))
+    out = _apgd_jit(defense, x, jnp.asarray(y, jnp.int32), example_keys,
+                    jnp.float32(config.eps), jnp.float32(0.0), static=static,
+                    protocol=protocol)
+    return _sharding.restore(out, like)
 
 
 def _apgd_impl(defense, x, y, example_keys, eps, step_size, *, static: APGDConfig, protocol):

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffjax import _checks
-from diffjax.attacks import protocols, streams
+from diffjax.attacks import _sharding, protocols, streams
 
 __all__ = ["evaluate_dataset", "read_results", "summarize"]
 
@@ -153,6 +153,7 @@ def evaluate_dataset(defense, batches, *, config, protocol: str, key, out_path,
         mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     if tuple(mesh.axis_names) != ("data",):
         _checks.fail("mesh", "a 1-D mesh with axis names ('data',)", mesh.axis_names)
+    mesh = _sharding.auto_mesh(mesh)
     n_dev = mesh.devices.size
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import _checks
-from diffjax.attacks import gradients, streams
+from diffjax.attacks import _sharding, gradients, streams
 
 __all__ = ["PGDConfig", "PGDResult", "pgd_attack", "NORMS", "project", "trace_count"]
 
@@ -187,9 +187,12 @@ def pgd_attack(defense, x, y, example_keys, *, config: PGDConfig, protocol: str 
         _checks.fail("config", "a PGDConfig", type(config).__name__)
     example_keys = _validate(defense, x, y, example_keys, protocol, config.gradient)
     static = dataclasses.replace(config, eps=0.0, step_size=0.0)
-    return _pgd_jit(defense, x, jnp.asarray(y, jnp.int32), example_keys,
-                    jnp.float32(config.eps), jnp.float32(config.step_size),
-                    static=static, protocol=protocol)
+    like = x
+    defense, x, y, example_keys = _sharding.to_auto((defense, x, y, example_keys))
+    out = _pgd_jit(defense, x, jnp.asarray(y, jnp.int32), example_keys,
+                   jnp.float32(config.eps), jnp.float32(config.step_size),
+                   static=static, protocol=protocol)
+    return _sharding.restore(out, like)
 
 
 def _pgd_impl(defense, x, y, example_keys, eps, step_size, *, static: PGDConfig, protocol):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import _checks
-from diffjax.attacks import apgd, gradients, pgd, streams
+from diffjax.attacks import _sharding, apgd, gradients, pgd, streams
 
 __all__ = ["attack_and_evaluate", "gradient_correlation", "resolve_example_keys"]
 
@@ -79,10 +79,8 @@ def resolve_example_keys(example_ids_or_keys, x, key=None):
 
 
 def _example_keys(key, ids):
-    try:
-        from diffjax import randomness
-    except ImportError:  # pragma: no cover - only before diffjax.randomness existed
-        return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    from diffjax import randomness
+
     return randomness.example_keys(key, ids)
 
 
@@ -169,9 +167,12 @@ def attack_and_evaluate(defense, x, y, example_ids_or_keys, *, config, protocol:
     _attack_impl(config)
     ek = pgd._validate(defense, x, y, ek, protocol, config.gradient)
     static, step = _static_config(config)
-    return _core_jit(defense, x, jnp.asarray(y, jnp.int32), ek, jnp.float32(config.eps),
-                     jnp.float32(step), static=static, protocol=protocol,
-                     eval_draws=eval_draws)
+    like = x
+    defense, x, y, ek = _sharding.to_auto((defense, x, y, ek))
+    out = _core_jit(defense, x, jnp.asarray(y, jnp.int32), ek, jnp.float32(config.eps),
+                    jnp.float32(step), static=static, protocol=protocol,
+                    eval_draws=eval_draws)
+    return _sharding.restore(out, like)
 
 
 def _correlation(defense, x, y, example_keys, salt, *, eot, loss, kind, eot_batch_size):
@@ -228,5 +229,8 @@ def gradient_correlation(defense, x, y, keys, *, eot: int, key, loss: str = "ce"
     _checks.check_choice(loss, "loss", gradients.LOSSES)
     _checks.check_choice(kind, "kind", gradients.KINDS)
     salt = jax.random.bits(key, dtype=jnp.uint32)
-    return _correlation_jit(defense, x, jnp.asarray(y, jnp.int32), keys, salt, eot=eot,
-                            loss=loss, kind=kind, eot_batch_size=eot_batch_size)
+    like = x
+    defense, x, y, keys = _sharding.to_auto((defense, x, y, keys))
+    out = _correlation_jit(defense, x, jnp.asarray(y, jnp.int32), keys, salt, eot=eot,
+                           loss=loss, kind=kind, eot_batch_size=eot_batch_size)
+    return _sharding.restore(out, like)
