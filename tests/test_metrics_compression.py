@@ -122,9 +122,20 @@ def test_lanczos_top_k_match_true_top_k_on_3072_dims():
     s = np.concatenate([top, rng.uniform(0.0, 0.8, size=3072 - 5)])
     f = _dct_map(s, shape, seed=5)
     x0 = jnp.zeros((2, *shape), jnp.float32)
-    got = metrics.jacobian_top_singular_values(f, x0, 5, key=jax.random.key(0))
-    assert got.shape == (2, 5)
+    got, bounds = metrics.jacobian_top_singular_values(f, x0, 5, key=jax.random.key(0),
+                                                       return_error_bounds=True)
+    assert got.shape == bounds.shape == (2, 5)
     np.testing.assert_allclose(got, np.broadcast_to(top, got.shape), rtol=1e-4)
+    assert np.all(np.asarray(bounds) < 1e-2)
+
+
+def test_lanczos_error_bounds_hold_before_convergence(dense_map):
+    f, x0, s = dense_map  # a flat-ish spectrum: few steps leave the values unconverged
+    got, bounds = metrics.jacobian_top_singular_values(f, x0, 6, num_iterations=8,
+                                                       return_error_bounds=True)
+    dist = np.min(np.abs(np.asarray(got)[..., None] - s), axis=-1)  # to the nearest true value
+    assert np.all(dist <= np.asarray(bounds) + 1e-4)
+    assert np.max(bounds) > 1e-3  # not converged, and the bounds say so
 
 
 def test_lanczos_matches_exact_spectrum_top(dense_map):

@@ -482,8 +482,11 @@ def _lanczos_example(g, xf, key, *, k, num_iterations):
 
     V, U, alphas, betas = jax.lax.fori_loop(0, m, body, (V, U, alphas, betas))
     bidiag = jnp.diag(alphas[:m]) + jnp.diag(betas[: m - 1], 1)
-    s = jnp.linalg.svd(bidiag, compute_uv=False)[:k]
-    return s, _all_finite(y, alphas, betas)
+    p, s, _ = jnp.linalg.svd(bidiag)
+    # Residual bound: J^T U p = sigma V q + beta_m p_m v_{m+1}, so each Ritz value lies
+    # within |beta_m p_m| of a singular value of J.
+    bounds = jnp.abs(betas[m - 1] * p[m - 1, :k])
+    return s[:k], bounds, _all_finite(y, alphas, betas)
 
 
 def _topk_core(f, x0, keys, *, k, num_iterations):
@@ -494,7 +497,8 @@ def _topk_core(f, x0, keys, *, k, num_iterations):
 
 
 def jacobian_top_singular_values(f: Callable, x0, k: int, *, key=None,
-                                 num_iterations: int | None = None):
+                                 num_iterations: int | None = None,
+                                 return_error_bounds: bool = False):
     """The `k` largest singular values of the Jacobian of `f` at each `x0`, matrix-free.
 
     Golub-Kahan-Lanczos bidiagonalisation (with full reorthogonalisation) of ``J = df/dx``
@@ -509,11 +513,16 @@ def jacobian_top_singular_values(f: Callable, x0, k: int, *, key=None,
       k: how many singular values, ``1 <= k <= min(d_in, d_out)``.
       key: the start vector's key (one key, or ``[B]``); defaults to ``jax.random.key(0)``.
       num_iterations: Lanczos steps `m` (``k <= m <= min(d_in, d_out)``); the default
-        ``min(max(2k, k + 20), min(d_in, d_out))`` converges the top `k` values of a
-        spectrum with any gap to float32 precision in practice; raise it for clustered tops.
+        is ``min(max(2k, k + 20), min(d_in, d_out))``. Top values well separated from the
+        rest converge in a few steps; a flat top of the spectrum converges slowly (and a
+        not yet converged Ritz value can sit between two true ones): check the error
+        bounds and raise `num_iterations` when they are large.
+      return_error_bounds: also return, per value, the residual bound
+        ``|beta_m p_m|``: each returned value lies within it of a true singular value.
 
     Returns:
-      ``[B, k]`` singular values, descending.
+      ``[B, k]`` singular values, descending; with ``return_error_bounds=True``,
+      ``(values, bounds)``, both ``[B, k]``.
     """
     _check_x0(x0)
     out = _check_f(f, x0, same_shape=False)
@@ -523,9 +532,10 @@ def jacobian_top_singular_values(f: Callable, x0, k: int, *, key=None,
         num_iterations = min(max(2 * k, k + 20), n)
     num_iterations = _checks.check_int(num_iterations, "num_iterations", lo=k, hi=n)
     keys = _example_keys(jax.random.key(0) if key is None else key, x0.shape[0])
-    s, finite = _call_jitted(_topk_core, f, x0, keys, k=k, num_iterations=num_iterations)
+    s, bounds, finite = _call_jitted(_topk_core, f, x0, keys, k=k,
+                                     num_iterations=num_iterations)
     _raise_if_nonfinite(finite)
-    return s
+    return (s, bounds) if return_error_bounds else s
 
 
 def fraction_below(singular_values, threshold: float = 0.25, *, total: int | None = None):
