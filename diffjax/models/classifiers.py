@@ -23,6 +23,7 @@ whatever the model needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -254,11 +255,18 @@ def build_wrn(config: dict) -> WideResNet:
 # ----------------------------------------------------------------------------- registry
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(module, key, *args):
+    # One compiled program (cached per architecture: modules compare equal) instead of
+    # hundreds of eagerly dispatched initialisers.
+    return module.init(key, *args)
+
+
 def init(module, config: dict, key) -> dict:
     """Random initial variables (``params``, plus ``batch_stats`` for the WRN)."""
     res = int(config.get("resolution", 32))
     x = jnp.zeros((1, res, res, module.in_channels), jnp.float32)
-    return module.init(key, x)
+    return _jit_init(module, key, x)
 
 
 @dataclasses.dataclass(frozen=True)

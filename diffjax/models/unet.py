@@ -31,6 +31,7 @@ the attacks and the converters want).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -323,11 +324,18 @@ def build(config: dict) -> UNet:
         num_groups=cfg["num_groups"], dtype=jnp.dtype(cfg["dtype"]))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(module, key, *args):
+    # One compiled program (cached per architecture: modules compare equal) instead of
+    # hundreds of eagerly dispatched initialisers.
+    return module.init(key, *args)
+
+
 def init(module: UNet, config: dict, key) -> dict:
     """Random initial variables (``{"params": ...}``) for a batch of one image."""
     del config
     x = jnp.zeros((1, module.resolution, module.resolution, module.in_channels), jnp.float32)
-    return module.init(key, x, jnp.zeros((1,), jnp.int32))
+    return _jit_init(module, key, x, jnp.zeros((1,), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
