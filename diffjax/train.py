@@ -411,14 +411,16 @@ def save_checkpoint(mngr, state: TrainState) -> None:
     mngr.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state))
 
 
-def restore_or_keep(mngr, state: TrainState) -> TrainState:
-    """Restores the latest checkpoint into `state`'s structure and shardings, if any.
+def restore_or_keep(mngr, state: TrainState, step: int | None = None) -> TrainState:
+    """Restores the latest checkpoint (or the one of `step`) into `state`'s structure.
 
-    Returns `state` itself when `mngr` holds no checkpoint (a fresh run).
+    The restored arrays get `state`'s shardings (replicated on the mesh when `state` was
+    placed with `replicate`). Returns `state` itself when `mngr` holds no checkpoint (a
+    fresh run).
     """
     import orbax.checkpoint as ocp
 
-    latest = mngr.latest_step()
+    latest = mngr.latest_step() if step is None else step
     if latest is None:
         return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -107,9 +107,13 @@ def test_random_shift_is_a_translation():
 
 
 def test_resume_is_exact(tmp_path):
-    # N steps in one go.
+    # N steps in one go (checkpointing at N/2 on the way: the save must not be affected
+    # by the next step donating the state's buffers).
     _, state, step = _ddpm_setup()
-    full, _ = _run(step, state, 0, 8)
+    mid = train.checkpoint_manager(tmp_path / "full")
+    full, _ = train.fit(step, state, data.train_batches(
+        "digits", "train", 32, key=jax.random.key(2), num_examples=256),
+        num_steps=8, mngr=mid, save_every=4, progress=False)
     full = jax.tree.map(np.asarray, full)
     # N/2, checkpoint, a fresh process-like restart (new state, new step fn), N/2.
     _, state, step = _ddpm_setup()
@@ -127,6 +131,15 @@ def test_resume_is_exact(tmp_path):
     mngr.close()
     resumed = jax.tree.map(np.asarray, resumed)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The uninterrupted run's mid-way checkpoint equals the interrupted run's last one.
+    assert mid.all_steps() == [4, 8]
+    at4 = jax.tree.map(np.asarray, train.restore_or_keep(mid, fresh, step=4))
+    mid.close()
+    mngr = train.checkpoint_manager(tmp_path)
+    stopped = jax.tree.map(np.asarray, train.restore_or_keep(mngr, fresh, step=4))
+    mngr.close()
+    for a, b in zip(jax.tree.leaves(at4), jax.tree.leaves(stopped), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -229,6 +242,7 @@ def test_scripts_train_resume_and_export(tmp_path):
             "--config.train.steps=2", "--progress=false", *tiny]
     clf = ["--config=experiments/configs/digits_classifier.py:quick",
            f"--workdir={tmp_path}/c", "--config.train.steps=3", "--progress=false",
+           "--config.train.warmup_steps=1",
            "--config.model.config.dense=8",
            f"--export_dir={tmp_path}/clf"]
     p1, p2 = _script("train_diffusion", *ddpm), _script("train_classifier", *clf)
