@@ -112,9 +112,8 @@ def _from_torch(path: Sequence[str], tensor) -> np.ndarray:
 
 
 def _param_shapes(config: dict) -> dict[tuple[str, ...], tuple]:
-    module = guided.build(config)
-    shapes = jax.eval_shape(lambda k: guided.init(module, config, k), jax.random.key(0))
-    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    shapes = guided.param_shapes(guided.build(config), config)
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
     return {tuple(k.key for k in kp): tuple(leaf.shape) for kp, leaf in flat}
 
 

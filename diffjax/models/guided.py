@@ -38,12 +38,14 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax import _checks
 from diffjax.models import ModelSpec
@@ -58,6 +60,7 @@ __all__ = [
     "timestep_embedding",
     "make_eps_fn",
     "make_output_fn",
+    "param_shapes",
 ]
 
 # create_model's defaults of channel_mult per image size (script_util.create_model).
@@ -381,15 +384,21 @@ class GuidedUNet(nn.Module):
     """guided-diffusion's `UNetModel` (unconditional), NHWC.
 
     Attributes:
-      config: a `create_model`-style dict (see the module docstring); resolved with
-        `resolve_config`.
+      config_items: the `create_model`-style config (see the module docstring) as a sorted
+        tuple of `(key, value)` pairs, so that the module is hashable and `jit` caches
+        compiled code per architecture; `build(config_dict)` makes it.
 
     Call: `module.apply(variables, x, t)` with `x` `[B, H, W, 3]` (the model's [-1, 1]
     space; `H`, `W` divisible by `2 ** (len(channel_mult) - 1)`) and `t` `[B]` timestep
     indices; returns `[B, H, W, out_channels]` (6 with learned sigma: eps then `v`).
     """
 
-    config: dict
+    config_items: tuple
+
+    @property
+    def config(self) -> dict:
+        """The config as a dict (lists were stored as tuples)."""
+        return dict(self.config_items)
 
     @staticmethod
     def _layer(cfg: dict, kind: str, args, emb, h, name: str):
@@ -406,7 +415,7 @@ class GuidedUNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t):
-        cfg = resolve_config(dict(self.config))
+        cfg = resolve_config(self.config)
         mc = int(cfg["num_channels"])
         inputs, middle, outputs = _layout(cfg)
         emb = timestep_embedding(t, mc)
@@ -435,7 +444,8 @@ class GuidedUNet(nn.Module):
 def build(config: dict) -> GuidedUNet:
     """Builds the Flax module (the config is checked here, before any tracing)."""
     resolve_config(config)
-    return GuidedUNet(config=dict(config))
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
+    return GuidedUNet(config_items=items)
 
 
 def _min_size(cfg: dict) -> int:
@@ -443,12 +453,52 @@ def _min_size(cfg: dict) -> int:
 
 
 def init(module: GuidedUNet, config: dict, key) -> dict:
-    """Random weights (`{"params": ...}`); the parameters do not depend on the image size,
-    so the smallest valid image is used to keep initialisation cheap."""
+    """Random weights `{"params": ...}` with Flax's default initialisers' distributions.
+
+    Kernels are LeCun-normal (`N(0, 1 / fan_in)`, as `nn.Dense` / `nn.Conv` default to),
+    biases zero, GroupNorm scales one. The shapes come from `jax.eval_shape` and the noise
+    from one `jax.random.normal` draw cut into pieces: compiling `module.init` itself (a
+    threefry per tensor and the whole forward pass) takes tens of seconds on a CPU. The
+    same key gives the same weights.
+
+    Args:
+      module: a `GuidedUNet` (from `build`).
+      config: its config dict.
+      key: a `jax.random.key`.
+
+    Returns:
+      `{"params": nested dict of float32 arrays}`.
+    """
+    shapes = param_shapes(module, config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    names = [path[-1].key for path, _ in leaves]
+    dims = [tuple(leaf.shape) for _, leaf in leaves]
+    sizes = [math.prod(d) for d in dims]
+    # Per-element scale of the single noise draw: 1/sqrt(fan_in) on kernels, 0 elsewhere.
+    scale = np.concatenate([
+        np.full(n, 1.0 / math.sqrt(math.prod(d[:-1])) if name == "kernel" else 0.0, np.float32)
+        for name, d, n in zip(names, dims, sizes, strict=True)])
+
+    @jax.jit
+    def draw(key):
+        noise = jax.random.normal(key, (scale.size,), jnp.float32) * scale
+        pieces = jnp.split(noise, np.cumsum(sizes)[:-1])
+        out = [jnp.ones(d, jnp.float32) if name == "scale" else p.reshape(d)
+               for name, d, p in zip(names, dims, pieces, strict=True)]
+        return jax.tree.unflatten(treedef, out)
+
+    return {"params": draw(key)}
+
+
+def param_shapes(module: GuidedUNet, config: dict) -> dict:
+    """The `params` tree as `jax.ShapeDtypeStruct`s, without computing anything.
+
+    Parameters do not depend on the image size, so the smallest valid image is traced.
+    """
     s = _min_size(resolve_config(config))
-    x = jnp.zeros((1, s, s, 3), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    return dict(module.init(key, x, t))
+    x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(module.init, jax.random.key(0), x, t)["params"]
 
 
 def _check_inputs(x_t, t, cfg: dict):
@@ -465,17 +515,33 @@ def _check_inputs(x_t, t, cfg: dict):
         _checks.fail("t", "integer timestep indices (int32)", f"dtype {t.dtype}")
 
 
-def _output(module, variables, x_t, t):
-    _check_inputs(x_t, t, resolve_config(module.config))
-    return module.apply(variables, x_t, t)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(module: GuidedUNet, eps_only: bool, variables, x_t, t):
+    # Compiled once per (architecture, input shape): calling eps_fn outside jit does not
+    # dispatch the ~1000 ops of the U-Net one by one. Inside an outer jit it is inlined.
+    out = module.apply(variables, x_t.astype(jnp.float32), t)
+    return out[..., :3] if eps_only else out
 
 
-def _eps(module, variables, x_t, t):
-    return _output(module, variables, x_t, t)[..., :3]
+@dataclasses.dataclass(frozen=True)
+class _Apply:
+    """The body of `eps_fn` / `out_fn`: hashable (by module), so jit caches it per model."""
+
+    module: GuidedUNet
+    eps_only: bool
+
+    def __call__(self, variables, x_t, t):
+        _check_inputs(x_t, t, resolve_config(self.module.config))
+        return _apply(self.module, self.eps_only, variables, x_t, t)
 
 
 def make_output_fn(module: GuidedUNet, config: dict, variables: dict):
     """The full model output, for samplers that use the learned variance.
+
+    Args:
+      module: a `GuidedUNet` (from `build`).
+      config: its config dict (unused; the module carries it).
+      variables: `{"params": ...}`.
 
     Returns:
       A `jax.tree_util.Partial` `out_fn(x_t, t) -> [B, H, W, out_channels]`: x_t NHWC in
@@ -485,18 +551,25 @@ def make_output_fn(module: GuidedUNet, config: dict, variables: dict):
       log(beta_tilde_t))`` with ``frac = (v + 1) / 2`` (Nichol & Dhariwal 2021, eq. 15).
     """
     del config
-    return jax.tree_util.Partial(functools.partial(_output, module), variables)
+    return jax.tree_util.Partial(_Apply(module, eps_only=False), variables)
 
 
 def make_eps_fn(module: GuidedUNet, config: dict, variables: dict):
     """`eps_fn(x_t, t) -> eps` per API.md: channels 0-2 of the model output.
 
-    x_t NHWC `[B, H, W, 3]` in [-1, 1] (values outside are allowed: noisy inputs), t int32
-    `[B]` timestep indices; returns eps of the shape of x_t. The learned variance is dropped
-    (see `make_output_fn` for it).
+    Args:
+      module: a `GuidedUNet` (from `build`).
+      config: its config dict (unused; the module carries it).
+      variables: `{"params": ...}`.
+
+    Returns:
+      A `jax.tree_util.Partial` (the variables are its traced arguments): x_t NHWC
+      `[B, H, W, 3]` in [-1, 1] (values outside are allowed: noisy inputs), t int32 `[B]`
+      timestep indices -> eps of the shape of x_t. The learned variance is dropped (see
+      `make_output_fn` for it).
     """
     del config
-    return jax.tree_util.Partial(functools.partial(_eps, module), variables)
+    return jax.tree_util.Partial(_Apply(module, eps_only=True), variables)
 
 
 SPECS = {
