@@ -443,8 +443,11 @@ def _safe_normalize(w, scale):
 
 def _reorth(w, basis):
     # Classical Gram-Schmidt twice ("twice is enough"); unused rows of `basis` are zero.
-    w = w - basis.T @ (basis @ w)
-    return w - basis.T @ (basis @ w)
+    # Full float32 precision: TPU/GPU default matmul precision (bf16/TF32 passes) would
+    # lose the orthogonality the Ritz values rely on.
+    dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+    w = w - dot(basis.T, dot(basis, w))
+    return w - dot(basis.T, dot(basis, w))
 
 
 def _lanczos_example(g, xf, key, *, k, num_iterations):
