@@ -219,19 +219,24 @@ def config_from_diffusers(dcfg: dict) -> dict:
     if attn_groups is not None and int(attn_groups) != groups:
         raise ValueError(f"{what}: attn_norm_num_groups={attn_groups} differs from "
                          f"norm_num_groups={groups}: not supported")
-    head_dim = dcfg.get("attention_head_dim")
+    # diffusers: attention_head_dim null means one head per block (Ho et al.); a number is
+    # the channels per head (UNet2DModel's default is 8).
+    head_dim = dcfg.get("attention_head_dim", 8)
     if head_dim is not None:
+        head_dim = int(head_dim)
         attn_ch = [boc[i] for i, d in enumerate(down) if d.startswith("Attn")] + [boc[-1]]
-        if any(c // int(head_dim) != 1 for c in attn_ch):
-            raise ValueError(f"{what}: attention_head_dim={head_dim} gives multi-head "
-                             "attention; Ho et al.'s U-Net has one head (attention_head_dim "
-                             "null)")
+        if all(c == head_dim for c in attn_ch):
+            head_dim = None
+        elif any(c % head_dim for c in attn_ch):
+            raise ValueError(f"{what}: attention_head_dim={head_dim} does not divide the "
+                             f"attention channel counts {attn_ch}")
     return {"resolution": size, "in_channels": int(dcfg.get("in_channels", 3)),
             "out_channels": int(dcfg.get("out_channels", 3)), "ch": ch,
             "ch_mult": [c // ch for c in boc],
             "num_res_blocks": int(dcfg.get("layers_per_block", 2)),
             "attn_resolutions": attn, "dropout": float(dcfg.get("dropout", 0.0)),
-            "resamp_with_conv": True, "num_groups": groups, "dtype": "float32"}
+            "resamp_with_conv": True, "num_groups": groups, "dtype": "float32",
+            "attn_head_dim": head_dim}
 
 
 def _diffusers_schedule(model_dir: pathlib.Path) -> tuple[dict, str | None]:

@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 _KEYS = ("resolution", "in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks",
-         "attn_resolutions", "dropout", "resamp_with_conv", "num_groups", "dtype")
+         "attn_resolutions", "dropout", "resamp_with_conv", "num_groups", "dtype",
+         "attn_head_dim")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -113,7 +114,7 @@ def resolve_config(config: dict) -> dict:
     if unknown:
         _checks.fail("config", f"keys among {', '.join(_KEYS)}", f"unknown keys {unknown}")
     cfg = {"num_groups": 32, "dtype": "float32", "dropout": 0.0, "resamp_with_conv": True,
-           "attn_resolutions": []}
+           "attn_resolutions": [], "attn_head_dim": None}
     cfg.update(config)
     missing = [k for k in _KEYS if k not in cfg]
     if missing:
@@ -138,6 +139,13 @@ def resolve_config(config: dict) -> dict:
         if c % cfg["num_groups"]:
             _checks.fail("config['num_groups']", f"a divisor of every channel count ({c})",
                          cfg["num_groups"])
+    if cfg["attn_head_dim"] is not None:
+        hd = _checks.check_int(cfg["attn_head_dim"], "config['attn_head_dim']", lo=1)
+        cfg["attn_head_dim"] = hd
+        for c in [cfg["ch"] * m for m in cfg["ch_mult"]]:
+            if c % hd:
+                _checks.fail("config['attn_head_dim']", f"a divisor of every channel count "
+                             f"({c}), or None for one head", hd)
     return cfg
 
 
@@ -192,10 +200,15 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions, with a residual connection."""
+    """Self-attention over all positions, with a residual connection.
+
+    One head (Ho et al.) when `head_dim` is None; otherwise ``C // head_dim`` heads of
+    `head_dim` channels (diffusers' ``attention_head_dim``).
+    """
 
     num_groups: int
     dtype: Any = jnp.float32
+    head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -204,9 +217,11 @@ class AttnBlock(nn.Module):
         q = nn.Dense(c, dtype=self.dtype, name="q")(h)
         k = nn.Dense(c, dtype=self.dtype, name="k")(h)
         v = nn.Dense(c, dtype=self.dtype, name="v")(h)
-        w = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+        d = c if self.head_dim is None else self.head_dim
+        q, k, v = (a.reshape(b, hh * ww, c // d, d) for a in (q, k, v))
+        w = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d ** -0.5)
         w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", w, v)
+        h = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh * ww, c)
         h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
         return x + h.reshape(b, hh, ww, c)
 
@@ -224,6 +239,7 @@ class UNet(nn.Module):
       resolution, in_channels, out_channels, ch, ch_mult, num_res_blocks,
       attn_resolutions, dropout, resamp_with_conv, num_groups: the architecture (see
       `cifar10_config`); sequences are tuples so the module hashes.
+      attn_head_dim: channels per attention head; None (Ho et al.) is one head.
       dtype: the computation dtype (parameters stay float32).
     """
 
@@ -238,6 +254,7 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     num_groups: int = 32
     dtype: Any = jnp.float32
+    attn_head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x, t, *, train: bool = False):
@@ -273,7 +290,7 @@ class UNet(nn.Module):
                 h = ResnetBlock(self.ch * mult, self.dropout, groups, dt,
                                 name=f"down_{i}_block_{j}")(hs[-1], temb, train)
                 if res in self.attn_resolutions:
-                    h = AttnBlock(groups, dt, name=f"down_{i}_attn_{j}")(h)
+                    h = AttnBlock(groups, dt, self.attn_head_dim, name=f"down_{i}_attn_{j}")(h)
                 hs.append(h)
             if i != levels - 1:
                 h = hs[-1]
@@ -287,7 +304,7 @@ class UNet(nn.Module):
 
         c_mid = self.ch * self.ch_mult[-1]
         h = ResnetBlock(c_mid, self.dropout, groups, dt, name="mid_block_1")(hs[-1], temb, train)
-        h = AttnBlock(groups, dt, name="mid_attn_1")(h)
+        h = AttnBlock(groups, dt, self.attn_head_dim, name="mid_attn_1")(h)
         h = ResnetBlock(c_mid, self.dropout, groups, dt, name="mid_block_2")(h, temb, train)
 
         for i in reversed(range(levels)):
@@ -296,7 +313,7 @@ class UNet(nn.Module):
                 h = ResnetBlock(self.ch * self.ch_mult[i], self.dropout, groups, dt,
                                 name=f"up_{i}_block_{j}")(h, temb, train)
                 if res in self.attn_resolutions:
-                    h = AttnBlock(groups, dt, name=f"up_{i}_attn_{j}")(h)
+                    h = AttnBlock(groups, dt, self.attn_head_dim, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 h = _upsample_nearest(h)
                 if self.resamp_with_conv:
@@ -321,7 +338,8 @@ def build(config: dict) -> UNet:
         out_channels=cfg["out_channels"], ch=cfg["ch"], ch_mult=tuple(cfg["ch_mult"]),
         num_res_blocks=cfg["num_res_blocks"], attn_resolutions=tuple(cfg["attn_resolutions"]),
         dropout=cfg["dropout"], resamp_with_conv=cfg["resamp_with_conv"],
-        num_groups=cfg["num_groups"], dtype=jnp.dtype(cfg["dtype"]))
+        num_groups=cfg["num_groups"], dtype=jnp.dtype(cfg["dtype"]),
+        attn_head_dim=cfg["attn_head_dim"])
 
 
 @functools.partial(jax.jit, static_argnums=0)
