@@ -59,9 +59,20 @@ def test_small_preset_is_the_reference_config(ref):
 
 def test_registry_init_matches_name_table():
     cfg = guided.small_config()
-    _, variables = models.init("guided_unet", cfg, jax.random.key(0))
+    module, variables = models.init("guided_unet", cfg, jax.random.key(0))
     assert models.param_count(variables) == sum(
         int(np.prod(s)) for s in cg.name_table(cfg).values())
+    # Same key, same weights; another key, other weights; abstract evaluation works.
+    again = guided.init(module, cfg, jax.random.key(0))
+    other = guided.init(module, cfg, jax.random.key(1))
+    k0 = np.asarray(variables["params"]["input_blocks_1_0"]["in_conv"]["kernel"])
+    np.testing.assert_array_equal(k0, again["params"]["input_blocks_1_0"]["in_conv"]["kernel"])
+    assert not np.allclose(k0, other["params"]["input_blocks_1_0"]["in_conv"]["kernel"])
+    # LeCun-normal kernels (std 1/sqrt(fan_in), fan_in = 3*3*32), unit GroupNorm scales.
+    assert abs(k0.std() * np.sqrt(9 * 32) - 1) < 0.05
+    np.testing.assert_array_equal(variables["params"]["out_norm"]["scale"], 1.0)
+    shapes = jax.eval_shape(lambda k: guided.init(module, cfg, k), jax.random.key(0))
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(jnp.shape, variables)
 
 
 # ---------------------------------------------------------------------------- equivalence
@@ -141,14 +152,15 @@ def test_legacy_and_new_attention_orders_are_channel_permutations():
     x = jax.random.normal(jax.random.key(1), (1, 4, 4, c))
     legacy = guided.AttentionBlock(num_heads=heads, legacy=True)
     new = guided.AttentionBlock(num_heads=heads, legacy=False)
-    v = legacy.init(jax.random.key(2), x)
+    v = jax.jit(legacy.init)(jax.random.key(2), x)
     # legacy channel index h*3*ch + s*ch + c  <->  new index s*heads*ch + h*ch + c
     perm = np.arange(3 * c).reshape(heads, 3, ch).transpose(1, 0, 2).reshape(-1)
     v_new = jax.tree.map(lambda a: a, v)
     v_new["params"]["qkv"] = {"kernel": v["params"]["qkv"]["kernel"][:, perm],
                               "bias": v["params"]["qkv"]["bias"][perm]}
-    np.testing.assert_allclose(new.apply(v_new, x), legacy.apply(v, x), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(new.apply(v, x), legacy.apply(v, x), atol=1e-3)
+    new_apply, legacy_apply = jax.jit(new.apply), jax.jit(legacy.apply)
+    np.testing.assert_allclose(new_apply(v_new, x), legacy_apply(v, x), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(new_apply(v, x), legacy_apply(v, x), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------ bad input

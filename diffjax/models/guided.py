@@ -479,15 +479,17 @@ def init(module: GuidedUNet, config: dict, key) -> dict:
         np.full(n, 1.0 / math.sqrt(math.prod(d[:-1])) if name == "kernel" else 0.0, np.float32)
         for name, d, n in zip(names, dims, sizes, strict=True)])
 
-    @jax.jit
-    def draw(key):
-        noise = jax.random.normal(key, (scale.size,), jnp.float32) * scale
-        pieces = jnp.split(noise, np.cumsum(sizes)[:-1])
-        out = [jnp.ones(d, jnp.float32) if name == "scale" else p.reshape(d)
-               for name, d, p in zip(names, dims, pieces, strict=True)]
-        return jax.tree.unflatten(treedef, out)
-
-    return {"params": draw(key)}
+    noise = jax.random.normal(key, (scale.size,), jnp.float32) * scale
+    cuts = np.cumsum(sizes)[:-1]
+    # Cut on the host when the values are concrete (XLA compiles a 200-way split slowly);
+    # under eval_shape / jit, cut with jnp.
+    if _checks.is_concrete(noise):
+        pieces = [jnp.asarray(p) for p in np.split(np.asarray(noise), cuts)]
+    else:
+        pieces = jnp.split(noise, cuts)
+    out = [jnp.ones(d, jnp.float32) if name == "scale" else p.reshape(d)
+           for name, d, p in zip(names, dims, pieces, strict=True)]
+    return {"params": jax.tree.unflatten(treedef, out)}
 
 
 def param_shapes(module: GuidedUNet, config: dict) -> dict:
