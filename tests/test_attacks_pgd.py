@@ -253,3 +253,35 @@ def test_bad_inputs():
                            config=PGDConfig(eps=0.03, gradient=Gradient(eot=3)))
     with pytest.raises(ValueError, match="x"):
         attacks.pgd_attack(defense, x * 3, y, k, config=cfg)
+
+
+def tiny_eps_fn(params, x_t, t):
+    """An analytic eps-model with weights: eps = tanh(a * x_t + b * blur(x_t))."""
+    a, b = params
+    blur = (jnp.roll(x_t, 1, 1) + jnp.roll(x_t, -1, 1) + jnp.roll(x_t, 1, 2)
+            + jnp.roll(x_t, -1, 2)) / 4
+    return 0.5 * jnp.tanh(a * x_t + b * blur)
+
+
+def test_gradients_through_ddpm_purify():
+    from diffjax import diffusion
+    from diffjax.defense import make_purifier
+
+    purifier = make_purifier(Partial(tiny_eps_fn, (jnp.float32(0.8), jnp.float32(0.3))),
+                             schedule=diffusion.linear_schedule(), t_star=20, method="ddpm",
+                             num_steps=3)
+    defense = Defense(purifier, toy_defense().logits_fn)
+    x = uniform(11, (2, H, W, 1), 0.3, 0.7)
+    y = jnp.array([0, 2], jnp.int32)
+    keys = keys_for(2, 5)
+    f = jax.jit(lambda z: attacks.attack_loss(defense.logits(z, keys), y, "ce"))
+    _, g_full, _ = loss_and_grad(defense, x, y, keys[None], loss="ce", gradient=Gradient("full"))
+    v = jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32)
+    h = 1e-2
+    fd = (f(x + h * v) - f(x - h * v)) / (2 * h)
+    np.testing.assert_allclose(jnp.sum((g_full * v).reshape(2, -1), 1), fd, rtol=3e-2, atol=1e-4)
+    _, g_bpda, _ = loss_and_grad(defense, x, y, keys[None], loss="ce", gradient=Gradient("bpda"))
+    purified = defense.purify(x, keys)
+    g_cls = jax.jit(jax.grad(
+        lambda p: attacks.attack_loss(defense.logits_fn(p), y, "ce").sum()))(purified)
+    np.testing.assert_allclose(g_bpda, g_cls, rtol=1e-5, atol=1e-7)
