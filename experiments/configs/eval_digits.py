@@ -64,6 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.distances.protocol = "transfer"  # whose adversarial inputs to measure
     c.distances.fid_reference_split = "train"
     c.distances.fid_reference_examples = 1500
+    c.distances.ssim_filter_size = 7  # SSIM's 11x11 window does not fit 8x8 images
+    c.distances.ssim_filter_sigma = 1.0
 
     c.compression = ml_collections.ConfigDict()
     c.compression.methods = "ddpm,reverse_only,ddim"
