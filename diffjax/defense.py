@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from diffjax import _checks
@@ -48,6 +49,8 @@ def _identity(x, keys):
     del keys
     return x
 
+
+_NUM_CLASSES: dict = {}
 
 identity_purifier = Partial(_identity)
 """The purifier of an undefended model: returns `x` unchanged and ignores the keys."""
@@ -89,12 +92,18 @@ class Defense:
         return self.logits(x, keys)
 
     def num_classes(self, x) -> int:
-        """The number of classes, from the logits' shape (no computation, `eval_shape`)."""
-        def f(z):
-            return self.logits(z, jax.random.split(jax.random.key(0), z.shape[0]))
+        """The number of classes, from the classifier's output shape (`eval_shape`, cached).
 
-        out = jax.eval_shape(f, jax.ShapeDtypeStruct(x.shape, x.dtype))
-        return int(out.shape[-1])
+        The purifier preserves shapes, so only the classifier is traced, once per
+        classifier structure, weight shapes and input shape.
+        """
+        leaves, treedef = jax.tree.flatten(self.logits_fn)
+        sig = (treedef, tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves),
+               tuple(x.shape), jnp.dtype(x.dtype))
+        if sig not in _NUM_CLASSES:
+            out = jax.eval_shape(self.logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+            _NUM_CLASSES[sig] = int(out.shape[-1])
+        return _NUM_CLASSES[sig]
 
     @property
     def is_undefended(self) -> bool:

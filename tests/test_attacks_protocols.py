@@ -217,3 +217,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="eot"):
         attacks.gradient_correlation(defense, x, y, randomness.example_keys(ROOT, jnp.arange(4)),
                                      eot=0, key=ROOT)
+
+
+def test_attack_and_evaluate_inside_a_callers_jit():
+    defense, x, y = masked_problem(8)
+    keys = randomness.example_keys(ROOT, jnp.arange(8))
+    outside = attacks.attack_and_evaluate(defense, x, y, keys, config=CFG, protocol="transfer",
+                                          eval_draws=4)
+    inside = jax.jit(lambda d, a, b, k: attacks.attack_and_evaluate(
+        d, a, b, k, config=CFG, protocol="transfer", eval_draws=4))(defense, x, y, keys)
+    for k in ("x_adv", "adv_correct_mean", "eval_keys", "attack_keys"):
+        np.testing.assert_array_equal(inside[k], outside[k])

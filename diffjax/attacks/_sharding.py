@@ -14,6 +14,11 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 
+def _concrete(a) -> bool:
+    """A placed array (not a tracer: inside a caller's jit the caller owns the sharding)."""
+    return isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer)
+
+
 def auto_mesh(mesh: Mesh) -> Mesh:
     """The same mesh with every axis `Auto`."""
     if all(t == AxisType.Auto for t in mesh.axis_types):
@@ -25,8 +30,8 @@ def to_auto(tree):
     """Re-places every array of `tree` that lives on an explicit mesh onto its `Auto` twin."""
 
     def one(a):
-        s = getattr(a, "sharding", None)
-        if isinstance(a, jax.Array) and isinstance(s, NamedSharding) and any(
+        s = getattr(a, "sharding", None) if _concrete(a) else None
+        if _concrete(a) and isinstance(s, NamedSharding) and any(
                 t == AxisType.Explicit for t in s.mesh.axis_types):
             return jax.device_put(a, NamedSharding(auto_mesh(s.mesh), s.spec))
         return a
@@ -36,15 +41,15 @@ def to_auto(tree):
 
 def restore(tree, like):
     """Puts the arrays of `tree` back on the explicit mesh of `like` (the caller's input)."""
-    s = getattr(like, "sharding", None)
+    s = getattr(like, "sharding", None) if _concrete(like) else None
     if not (isinstance(s, NamedSharding) and any(
             t == AxisType.Explicit for t in s.mesh.axis_types)):
         return tree
     mesh = s.mesh
 
     def one(a):
-        sa = getattr(a, "sharding", None)
-        if isinstance(a, jax.Array) and isinstance(sa, NamedSharding) and \
+        sa = getattr(a, "sharding", None) if _concrete(a) else None
+        if isinstance(sa, NamedSharding) and \
                 sa.mesh.devices.shape == mesh.devices.shape:
             return jax.device_put(a, NamedSharding(mesh, sa.spec))
         return a
