@@ -49,6 +49,15 @@ def test_manifest_names_shapes_and_count(reference_dir):
     # The preset is the manifest's flag set: the default table is the same.
     assert cg.name_table(guided.imagenet256_uncond_config()) == want
     assert cg.name_table(None) == want
+    # The full model runs at 256x256 (abstractly: no weights are built).
+    cfg = guided.imagenet256_uncond_config()
+    module = guided.build(cfg)
+    params = guided.param_shapes(module, cfg)
+    x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    out = jax.eval_shape(lambda p, x, t: guided.make_output_fn(module, cfg, {"params": p})(
+        x, t), params, x, t)
+    assert out.shape == (1, 256, 256, 6)
 
 
 def test_small_preset_is_the_reference_config(ref):
@@ -127,6 +136,8 @@ def test_eps_fn_differentiable_and_checks_inputs(ref, converted_st):
         eps_fn(ref["x"], ref["t"].astype(jnp.float32))
     with pytest.raises(ValueError, match=r"t: expected timestep indices of shape \(2,\)"):
         eps_fn(ref["x"], ref["t"][:1])
+    with pytest.raises(ValueError, match="t: expected timestep indices >= 0"):
+        eps_fn(ref["x"], -ref["t"])
     with pytest.raises(ValueError, match="divisible by 4"):
         eps_fn(jnp.zeros((2, 30, 30, 3)), ref["t"])
 

@@ -515,6 +515,8 @@ def _check_inputs(x_t, t, cfg: dict):
                      f"shape {getattr(t, 'shape', type(t).__name__)}")
     if not jnp.issubdtype(t.dtype, jnp.integer):
         _checks.fail("t", "integer timestep indices (int32)", f"dtype {t.dtype}")
+    if _checks.is_concrete(t) and t.size and int(np.min(np.asarray(t))) < 0:
+        _checks.fail("t", "timestep indices >= 0", f"min {int(np.min(np.asarray(t)))}")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
