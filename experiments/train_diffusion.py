@@ -163,10 +163,17 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
         for rec in history:
             f.write(json.dumps(rec) + "\n")
     logged = [json.loads(line) for line in open(wd / "history.jsonl")]
+    logged = sorted({r["step"]: r for r in logged}.values(), key=lambda r: r["step"])
     tail = [r["loss"] for r in logged if r["step"] > 0.9 * tc.steps]
+    # Wall time of all runs in this workdir (resumed ones included), from the logged rates.
+    prev, total_s = 0, 0.0
+    for r in logged:
+        total_s += (r["step"] - prev) / max(r["steps_per_s"], 1e-9)
+        prev = r["step"]
     metrics = {
         "steps": int(state.step),
         "final_loss": float(np.mean(tail)) if tail else None,
+        "train_seconds_all_runs": round(total_s, 1) if logged else None,
         "train_seconds_this_run": round(train_s, 1),
         "steps_per_s": history[-1]["steps_per_s"] if history else None,
         "param_count": models.param_count(variables),
