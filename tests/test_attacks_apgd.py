@@ -93,7 +93,8 @@ def reference_apgd(grad_fn, x, y, x_start, eps, n_iter, norm, rho=0.75):
     return x_best, acc, loss_best, x_best_adv, loss_steps
 
 
-@pytest.mark.parametrize("norm,eps,loss", [("linf", 0.06, "ce"), ("l2", 0.4, "ce"), ("linf", 0.03, "dlr")])
+@pytest.mark.parametrize("norm,eps,loss",
+                         [("linf", 0.06, "ce"), ("l2", 0.4, "ce"), ("linf", 0.03, "dlr")])
 def test_matches_reference_loop(norm, eps, loss):
     params, x, y = problem()
     defense = undefended(Partial(mlp_logits, params))

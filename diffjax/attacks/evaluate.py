@@ -10,6 +10,10 @@ or losing examples. Every random number is a function of the example key (from i
 its clean content), so the results do not depend on the device count, the batch size or
 the order of the batches.
 
+One process: the batches are host arrays placed with `jax.device_put` on the local devices
+(a multi-host run assembles global arrays itself, as `experiments.eval_robustness` does,
+and calls `attack_and_evaluate`). Example ids must be unique across the dataset.
+
 File format: the first line is ``{"meta": {...}}`` (protocol, attack config, evaluation
 draws, key derivation, root key); a resume with different settings is refused. Every
 other line is one example: ``{"id", "label", "clean_correct", "adv_correct",
