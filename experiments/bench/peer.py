@@ -50,7 +50,7 @@ def chain_noises(keys, shape_hwc, taus) -> np.ndarray:
 
 def to_nchw(x) -> torch.Tensor:
     """NHWC NumPy/JAX array -> a contiguous NCHW float32 torch tensor (a copy)."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32))).permute(
+    return torch.from_numpy(np.array(x, np.float32)).permute(
         0, 3, 1, 2).contiguous()
 
 
@@ -72,7 +72,7 @@ class PeerPurifier:
 
     def __init__(self, model, alphas_cumprod, t_star: int, taus, clip_denoised: bool = True):
         self.model = model
-        acp = torch.as_tensor(np.asarray(alphas_cumprod, np.float32))
+        acp = torch.from_numpy(np.array(alphas_cumprod, np.float32))
         self.abar_star = acp[t_star - 1]
         self.taus = [int(t) for t in np.asarray(taus)[::-1]]  # descending, as visited
         abar = acp[torch.as_tensor(np.asarray(taus, np.int64))]
