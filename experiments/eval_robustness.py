@@ -103,7 +103,7 @@ def setup(workdir: str | None, distributed: bool):
 
     if not workdir:
         raise ValueError("--workdir: required; e.g. --workdir=workdir/eval")
-    parallel.initialize(distributed)
+    _initialize(distributed)
     path = pathlib.Path(workdir).expanduser().resolve()
     if parallel.is_writer():
         try:
@@ -118,6 +118,23 @@ def setup(workdir: str | None, distributed: bool):
     mesh = jax.make_mesh((jax.device_count(),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
     return path, mesh
+
+
+def _initialize(distributed: bool) -> None:
+    """`parallel.initialize`, passing JAX_NUM_PROCESSES / JAX_PROCESS_ID when they are set.
+
+    `jax.distributed.initialize()` reads only JAX_COORDINATOR_ADDRESS from the environment
+    (the process count and index are auto-detected on TPU pods, SLURM, Open MPI, ...); on a
+    plain machine (e.g. two processes on localhost) they come from these variables.
+    """
+    from diffjax import parallel
+
+    env = os.environ
+    if (distributed and "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env
+            and not jax.distributed.is_initialized()):
+        jax.distributed.initialize(num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]))
+    parallel.initialize(distributed and not jax.distributed.is_initialized())
 
 
 def validate(config) -> None:
