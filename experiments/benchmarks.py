@@ -22,6 +22,10 @@ from absl import app, flags
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and benchmarks.md.",
                            required=True)
 _QUICK = flags.DEFINE_boolean("quick", False, "The quick suite (< 3 minutes on 2 cores).")
+_PROFILE = flags.DEFINE_boolean(
+    "profile", None, "Also profile: FLOPs of the CIFAR-10 models (XLA cost analysis), the "
+    "peer's top ops (torch.profiler), achieved FLOP/s, the GPU projection. Default: on for "
+    "the full suite, off for --quick.")
 _SIZE = flags.DEFINE_enum("settings", None, ["quick", "full", "tiny"],
                           "Overrides --quick: the named settings.")
 
@@ -51,8 +55,39 @@ def main(argv):
             "memory": "diffjax_peak_mb: XLA memory_analysis temp+output of the compiled "
                       "program; peer_peak_mb: ru_maxrss growth during one gradient in a fresh "
                       "subprocess; peer_saved_mb: tensors saved by autograd"}
+    do_profile = _PROFILE.value if _PROFILE.value is not None else name == "full"
+    if do_profile:
+        print("profiling ...", flush=True)
+        meta["profile"] = _profile(settings, results, info)
+        meta["total_with_profile_s"] = time.perf_counter() - t0
     jpath, mpath = report.write(_OUT.value, results, meta)
     print(f"wrote {jpath} and {mpath} in {total:.1f} s; load average {meta['loadavg_after']}")
+
+
+def _profile(settings, results, info) -> dict:
+    """FLOPs, the peer's top ops, achieved FLOP/s and the GPU projection (see bench.profile)."""
+    from diffjax.diffusion import respaced_timesteps
+    from diffjax.models import ncsnpp, unet
+    from experiments.bench import cases, peer, profile
+
+    b = cases.Bench(settings, log=lambda s: None)
+    pair = b.pair(settings.size)
+    x, keys, _, _ = b.inputs(settings.size, settings.purify_batch)
+    ppur = peer.PeerPurifier(pair.torch_model, b.acp, settings.t_star,
+                             respaced_timesteps(settings.t_star, 10))
+    out = {"peer_top_ops_purify_10_steps": profile.peer_top_ops(
+        ppur, peer.to_nchw(x), b.noises(keys, settings.size, 10))}
+    bench_flops = profile.model_flops("ddpm_unet", pair.config)
+    out["bench_model_flops"] = bench_flops
+    mult = 1.0 + bench_flops["grad_flops"] / bench_flops["forward_flops"]
+    out["achieved"] = profile.xla_achieved(results, bench_flops["forward_flops"], mult)
+    for key, kind, cfg in (("ddpm_cifar10_35.7M", "ddpm_unet", unet.cifar10_config()),
+                           ("ddpmpp_deep_106.6M", "ncsnpp", ncsnpp.cifar10_deep_config())):
+        fl = profile.model_flops(kind, cfg)
+        out[key] = {"flops": fl, "projection": profile.projection(fl["forward_flops"],
+                                                                  fl["grad_flops"])}
+        print(f"  {key}: {fl['forward_flops'] / 1e9:.2f} GFLOPs per forward", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -87,3 +87,17 @@ def test_eot_gradient_is_the_mean_of_single_draw_gradients(bench):
     r = b.eot_case("eot3")
     assert r["max_abs_diff"] < 1e-4
     assert r["eot"] == 3
+
+
+def test_projection_is_linear_in_images_and_inverse_in_the_fraction():
+    from experiments.bench import profile
+
+    p = profile.projection(1e9, 2e9, iterations=10, eot=2, steps=5, images=(1, 4),
+                           fractions=(0.25, 0.5))
+    # per image: steps * ((fwd + grad) * eot * iterations + fwd * eot)
+    assert p["flops_per_image"] == pytest.approx(5 * (3e9 * 2 * 10 + 1e9 * 2))
+    days = p["gpu_days"]["H100 bf16 tensor"]
+    assert days["25%"]["4"] == pytest.approx(4 * days["25%"]["1"])
+    assert days["25%"]["1"] == pytest.approx(2 * days["50%"]["1"])
+    assert days["50%"]["1"] == pytest.approx(
+        p["flops_per_image"] / (profile.GPU_PEAKS["H100 bf16 tensor"] * 0.5) / 86400)

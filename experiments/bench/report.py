@@ -87,6 +87,41 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_markdown(prof: dict) -> str:
+    """The profile section: the peer's top ops, achieved GFLOP/s, FLOPs and projection."""
+    lines = ["## Profile", ""]
+    top = prof.get("peer_top_ops_purify_10_steps")
+    if top:
+        lines += [f"Peer, 10 purification steps: {_fmt(top['aten_ops_per_step'])} aten ops "
+                  f"per step, {_fmt(top['self_cpu_us_per_aten_op'])} us self CPU per op.", "",
+                  "| op | self CPU s | count | share |", "|---|---|---|---|"]
+        lines += [f"| `{r['op']}` | {_fmt(r['self_cpu_s'])} | {r['count']} | "
+                  f"{r['share']:.0%} |" for r in top["top"]]
+        lines.append("")
+    ach = prof.get("achieved")
+    if ach:
+        lines += ["| case | diffjax GFLOP/s | peer GFLOP/s |", "|---|---|---|"]
+        lines += [f"| `{k}` | {_fmt(v['diffjax_gflops'])} | {_fmt(v['peer_gflops'])} |"
+                  for k, v in ach.items()]
+        lines.append("")
+    for key, v in prof.items():
+        if not isinstance(v, dict) or "projection" not in v:
+            continue
+        fl, pr = v["flops"], v["projection"]
+        lines += [f"### {key}: {fl['params']:,} parameters, "
+                  f"{fl['forward_flops'] / 1e9:.2f} GFLOPs per forward per image "
+                  f"(XLA cost analysis); PROJECTED GPU-days of PGD-200 x EOT-20 x 100 steps "
+                  f"({pr['flops_per_image']:.3g} FLOPs per image)", "",
+                  "| GPU, assumed sustained fraction of peak | 512 images | 1000 images | "
+                  "10000 images |", "|---|---|---|---|"]
+        for gpu, by_frac in pr["gpu_days"].items():
+            for frac, days in by_frac.items():
+                lines.append(f"| {gpu} at {frac} | " + " | ".join(
+                    f"{_fmt(days[n])}" for n in ("512", "1000", "10000")) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write(out_dir, results: dict, meta: dict) -> tuple[pathlib.Path, pathlib.Path]:
     """Writes ``benchmarks.json`` and ``benchmarks.md`` into `out_dir` (created)."""
     out = pathlib.Path(out_dir)
@@ -100,6 +135,8 @@ def write(out_dir, results: dict, meta: dict) -> tuple[pathlib.Path, pathlib.Pat
           f"cores; load average before {m.get('loadavg_before')}, after "
           f"{m.get('loadavg_after')}; total {_fmt(m.get('total_s'))} s.", "",
           f"Command: `{m.get('command')}`", "", markdown_table(results)]
+    if m.get("profile"):
+        md += ["", profile_markdown(m["profile"])]
     mpath = out / "benchmarks.md"
     mpath.write_text("\n".join(md))
     return jpath, mpath
