@@ -76,9 +76,10 @@ def convert(fmt: str, src, model_config: dict | None = None) -> Converted:
 def _source_file(src: pathlib.Path) -> pathlib.Path:
     if src.is_file():
         return src
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (src / name).is_file():
-            return src / name
+    for folder in (src, src / "unet"):  # a model directory, or a pipeline's unet/
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            if (folder / name).is_file():
+                return folder / name
     return src
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import _checks
-from diffjax.models import ModelSpec
+from diffjax.models import ModelSpec, layers
 
 __all__ = [
     "CNN",
@@ -147,7 +147,7 @@ class CNN(nn.Module):
         h = _normalise(x.astype(jnp.float32), self.norm)
         for s, w in enumerate(self.widths):
             for k in range(2):
-                h = nn.relu(nn.Conv(w, (3, 3), padding=1, name=f"conv_{s}_{k}")(h))
+                h = nn.relu(layers.Conv(w, (3, 3), padding=1, name=f"conv_{s}_{k}")(h))
             h = nn.max_pool(h, (2, 2), strides=(2, 2))
         h = h.reshape(h.shape[0], -1)
         h = nn.relu(nn.Dense(self.dense, name="dense")(h))
@@ -176,8 +176,8 @@ def _bn(name: str):
 
 def _conv(features: int, kernel: int, stride: int, name: str):
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                   use_bias=False, name=name)
+    return layers.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                       use_bias=False, name=name)
 
 
 class BasicBlock(nn.Module):

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import _checks
-from diffjax.models import ModelSpec
+from diffjax.models import ModelSpec, layers
 
 __all__ = [
     "GuidedUNet",
@@ -224,9 +224,9 @@ def _avg_pool(x):
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def _conv3(features: int, name: str, stride: int = 1) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                   name=name)
+def _conv3(features: int, name: str, stride: int = 1) -> layers.Conv:
+    return layers.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                       name=name)
 
 
 class ResBlock(nn.Module):
@@ -262,7 +262,7 @@ class ResBlock(nn.Module):
             h = _norm("out_norm")(h + emb_out)
         h = _conv3(self.out_channels, "out_conv")(nn.silu(h))
         if in_ch != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="skip")(x)
+            x = layers.Conv(self.out_channels, (1, 1), name="skip")(x)
         return x + h
 
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import _checks
-from diffjax.models import ModelSpec
+from diffjax.models import ModelSpec, layers
 
 __all__ = ["ResNet", "Bottleneck", "resnet50_config", "tiny_config", "build", "init",
            "make_fn", "SPECS", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -62,10 +62,10 @@ def tiny_config() -> dict:
             "resolution": 32}
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str) -> layers.Conv:
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=False, name=name)
+    return layers.Conv(features, (kernel, kernel), strides=(stride, stride),
+                       padding=((pad, pad), (pad, pad)), use_bias=False, name=name)
 
 
 def _bn(name: str) -> nn.BatchNorm:

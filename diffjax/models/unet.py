@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import _checks
-from diffjax.models import ModelSpec
+from diffjax.models import ModelSpec, layers
 
 __all__ = [
     "UNet",
@@ -188,14 +188,14 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, train: bool):
         h = nn.swish(_norm(self.num_groups, "norm1")(x))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
+        h = layers.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(h)
         h = h + nn.Dense(self.out_channels, dtype=self.dtype,
                          name="temb_proj")(nn.swish(temb))[:, None, None, :]
         h = nn.swish(_norm(self.num_groups, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
+        h = layers.Conv(self.out_channels, (3, 3), padding=1, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
+            x = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
         return x + h
 
 
@@ -282,7 +282,7 @@ class UNet(nn.Module):
         temb = nn.Dense(4 * self.ch, dtype=dt, name="temb_dense0")(temb)
         temb = nn.Dense(4 * self.ch, dtype=dt, name="temb_dense1")(nn.swish(temb))
 
-        hs = [nn.Conv(self.ch, (3, 3), padding=1, dtype=dt, name="conv_in")(x.astype(dt))]
+        hs = [layers.Conv(self.ch, (3, 3), padding=1, dtype=dt, name="conv_in")(x.astype(dt))]
         res = self.resolution
         levels = len(self.ch_mult)
         for i, mult in enumerate(self.ch_mult):
@@ -295,7 +295,7 @@ class UNet(nn.Module):
             if i != levels - 1:
                 h = hs[-1]
                 if self.resamp_with_conv:
-                    h = nn.Conv(h.shape[-1], (3, 3), strides=2, padding=((0, 1), (0, 1)),
+                    h = layers.Conv(h.shape[-1], (3, 3), strides=2, padding=((0, 1), (0, 1)),
                                 dtype=dt, name=f"down_{i}_downsample")(h)
                 else:
                     h = nn.avg_pool(h, (2, 2), strides=(2, 2))
@@ -317,13 +317,13 @@ class UNet(nn.Module):
             if i != 0:
                 h = _upsample_nearest(h)
                 if self.resamp_with_conv:
-                    h = nn.Conv(h.shape[-1], (3, 3), padding=1, dtype=dt,
+                    h = layers.Conv(h.shape[-1], (3, 3), padding=1, dtype=dt,
                                 name=f"up_{i}_upsample")(h)
                 res *= 2
         assert not hs
 
         h = nn.swish(_norm(groups, "norm_out")(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, dtype=dt, name="conv_out")(h)
+        h = layers.Conv(self.out_channels, (3, 3), padding=1, dtype=dt, name="conv_out")(h)
         return h.astype(jnp.float32)
 
 
