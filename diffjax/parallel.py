@@ -47,9 +47,15 @@ def initialize(distributed: bool) -> None:
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh over all devices (of all processes), axis name "data"."""
+    """A 1-D mesh over all devices (of all processes), axis name "data".
+
+    The axis is `AxisType.Auto`: XLA propagates the batch sharding through the models
+    (`jax.make_mesh` defaults to Explicit axes, under which reshapes of sharded arrays,
+    e.g. a U-Net's nearest-neighbour upsampling, need explicit output shardings).
+    """
     n = len(devices) if devices is not None else jax.device_count()
-    return jax.make_mesh((n,), ("data",), devices=devices)
+    return jax.make_mesh((n,), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:

@@ -11,7 +11,7 @@ Multi-host (TPU pod slices, multi-node GPU): add --distributed on every process.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +23,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 def main(argv):
     del argv
     from experiments import common
+
+    logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines would bury the progress
 
     with common.one_line_errors():
         import jax

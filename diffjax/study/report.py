@@ -81,15 +81,15 @@ def verdicts(res: dict) -> dict[str, tuple[bool, str]]:
         "over the undefended classifier is the smallest: " + "; ".join(rows) + "."))
     fit = res.get("sigmoid_fit") or {}
     r2 = fit.get("r2")
-    rcorr = res.get("rank_correlation", {})
-    rho = rcorr.get("spearman") if isinstance(rcorr, dict) else None
-    ok4 = r2 is not None and r2 > 0.5 and (rho is None or rho > 0)
+    rho = (res.get("rank_correlation") or {}).get("statistic")
+    ok4 = r2 is not None and r2 > 0.5 and (rho is None or rho < 0)
     frac = [p.get("fraction_sv_below_0.25") for p in res["compression"]]
     out["claim4"] = (bool(ok4), (
         f"Across {len(res['compression'])} purifier settings, fixed-randomness robust accuracy "
         f"follows the compression rate along a logistic curve (R^2 = "
-        f"{'n/a' if r2 is None else f'{r2:.3f}'}; Spearman rank correlation of robustness "
-        f"with compression strength {'n/a' if rho is None else f'{rho:.3f}'}); the fraction "
+        f"{'n/a' if r2 is None else f'{r2:.3f}'}; Spearman rank correlation of the rate "
+        f"with robust accuracy {'n/a' if rho is None else f'{rho:.3f}'}, negative: stronger "
+        f"compression, more robust); the fraction "
         f"of Jacobian singular values below 0.25 ranges "
         f"{100 * min(frac):.0f}-{100 * max(frac):.0f}%."))
     return out
@@ -195,7 +195,7 @@ def _figures(res: dict, out: pathlib.Path):
     if fit.get("params") is not None:
         grid = np.linspace(0, max(1.0, max(p["compression_rate"] for p in res["compression"])),
                            200)
-        ax.plot(grid, analysis.logistic_from_dict(fit, grid), "k--",
+        ax.plot(grid, analysis.sigmoid(grid, **fit["params"]), "k--",
                 label=f"logistic fit, R$^2$={fit['r2']:.2f}")
     ax.axhline(res["robust_accuracy"]["undefended"], color="gray", lw=0.8, ls=":")
     ax.set_xlabel("compression rate (RMS Jacobian singular value)")

@@ -35,7 +35,6 @@ from jax.tree_util import Partial
 
 from diffjax import _checks, analysis, attacks, data, diffusion, metrics, parallel, pretrained
 from diffjax.defense import Defense, make_purifier, undefended
-from diffjax.metrics import fid as fid_lib
 from diffjax.study.workdir import Workdir
 
 __all__ = ["Study", "run_study", "validate_config"]
@@ -218,13 +217,15 @@ class Study:
             pur_adv = self._purify_all(method, x_adv)
             pur_clean = self._purify_all(method, self.x)
             clean = jnp.asarray(self.x)
-            d_in = metrics.distances(jnp.asarray(x_adv), clean)
-            d_pur = metrics.distances(jnp.asarray(pur_adv), clean)
-            d_pc = metrics.distances(jnp.asarray(pur_clean), clean)
-            feats = functools.partial(_features, self.classifier)
+            dist = functools.partial(metrics.distances_to_clean, **_ssim_window(clean.shape))
+            d_in = dist(jnp.asarray(x_adv), clean)
+            d_pur = dist(jnp.asarray(pur_adv), clean)
+            d_pc = dist(jnp.asarray(pur_clean), clean)
+            feats = metrics.penultimate_features(self.classifier.logits_fn)
             ref = self._reference_features(feats)
-            fid_pur = fid_lib.fid_from_features(ref, np.asarray(feats(jnp.asarray(pur_adv))))
-            fid_adv = fid_lib.fid_from_features(ref, np.asarray(feats(jnp.asarray(x_adv))))
+            fid_pur = metrics.fid_from_features(ref, metrics.compute_features(feats, pur_adv))
+            fid_adv = metrics.fid_from_features(ref, metrics.compute_features(feats, x_adv))
+            fid_pc = metrics.fid_from_features(ref, metrics.compute_features(feats, pur_clean))
             mean = lambda d, k: float(np.mean(np.asarray(d[k])))
             return {
                 "l2_adv_input": mean(d_in, "l2"), "linf_adv_input": mean(d_in, "linf"),
@@ -232,8 +233,9 @@ class Study:
                 "l2_purified": mean(d_pur, "l2"), "linf_purified": mean(d_pur, "linf"),
                 "ssim_purified": mean(d_pur, "ssim"),
                 "l2_purified_clean": mean(d_pc, "l2"), "ssim_purified_clean": mean(d_pc, "ssim"),
-                "snr_db_purified": mean(d_pur, "snr_db"),
+                "snr_db_purified": mean(d_pur, "snr"),
                 "fid_adv_input": float(fid_adv), "fid_purified": float(fid_pur),
+                "fid_purified_clean": float(fid_pc),
                 "hist_l2_adv_input": np.asarray(d_in["l2"]).tolist(),
                 "hist_l2_purified": np.asarray(d_pur["l2"]).tolist(),
             }
@@ -244,7 +246,7 @@ class Study:
         train = data.load_arrays(self.config.dataset, "train",
                                  data_dir=self.config.get("data_dir"),
                                  num_examples=self.config.fid_reference_examples)
-        return np.asarray(feats(jnp.asarray(train.images)))
+        return metrics.compute_features(feats, train.images)
 
     def _purify_all(self, method, images, t_star=None, num_steps=None, salt=ATTACK_SALT):
         pur = self.purifier_fn(method, t_star, num_steps)
@@ -336,6 +338,17 @@ class Study:
         return self.workdir.part(f"compression_{method}_t{t_star}", compute)
 
 
+def _ssim_window(shape) -> dict:
+    """SSIM's standard 11-tap, sigma 1.5 Gaussian window, shrunk for small images.
+
+    For images smaller than 11 pixels (8x8 digits) the window is the largest odd size that
+    fits, with sigma scaled in proportion (7 taps, sigma ~0.95 on 8x8).
+    """
+    side = min(shape[1], shape[2])
+    size = min(11, side if side % 2 else side - 1)
+    return {"filter_size": size, "filter_sigma": 1.5 * size / 11}
+
+
 def _one_example_purify(purify_fn, key, x):
     """`f(x)` for one example `[H, W, C]` under its fixed key (for `compression_rate`)."""
     return purify_fn(x[None], key)[0]
@@ -347,16 +360,6 @@ def _mean_pairwise_corr(diffs: np.ndarray) -> float:
     c = np.corrcoef(v)
     iu = np.triu_indices(len(v), 1)
     return float(np.nanmean(c[iu]))
-
-
-def _features(classifier, x):
-    """Penultimate-layer features of a classifier (the FID feature space on digits)."""
-    module, variables = classifier.module, classifier.params
-    if classifier.kind == "cnn":
-        _, state = module.apply(variables, x, capture_intermediates=lambda m, _: m.name == "dense",
-                                mutable=["intermediates"])
-        return jax.nn.relu(state["intermediates"]["dense"]["__call__"][0])
-    return classifier.logits_fn(x)
 
 
 def run_study(config, workdir: Workdir, log: Callable[[str], None] = print) -> dict:
@@ -386,13 +389,16 @@ def run_study(config, workdir: Workdir, log: Callable[[str], None] = print) -> d
     rates = np.array([p["compression_rate"] for p in res["compression"]])
     robust = np.array([p["robust_accuracy_fixed"] for p in res["compression"]])
     try:
-        fit = analysis.fit_logistic(
+        fit = analysis.fit_sigmoid(
             rates, robust, upper=res["clean_accuracy"]["undefended"],
             lower=res["robust_accuracy"]["undefended"])
         res["sigmoid_fit"] = fit.to_dict()
     except (ValueError, RuntimeError) as e:  # too few / degenerate points: say so
         res["sigmoid_fit"] = {"params": None, "r2": None, "error": str(e)}
-    res["rank_correlation"] = analysis.rank_correlation(-rates, robust)
+    try:
+        res["rank_correlation"] = analysis.rank_correlation(rates, robust)
+    except ValueError as e:
+        res["rank_correlation"] = {"statistic": None, "error": str(e)}
     res["hist"] = {m: {k: v for k, v in study.distances(m).items() if k.startswith("hist_")}
                    for m in config.methods}
     res["elapsed_s"] = time.time() - t0
@@ -409,7 +415,8 @@ def _example_images(study: Study) -> dict:
     k = min(6, len(study.x))
     out = {"clean": study.x[:k]}
     for m in study.config.methods:
-        folder = study.workdir.path / "parts" / f"attack_{m}_t{study.config.purifier.t_star}_transfer"
+        t_star = study.config.purifier.t_star
+        folder = study.workdir.path / "parts" / f"attack_{m}_t{t_star}_transfer"
         files = sorted(folder.glob("batch_*.npz"))
         if files:
             with np.load(files[0]) as z:

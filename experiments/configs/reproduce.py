@@ -3,7 +3,8 @@ r"""The whole study on the embedded default (sklearn digits, shipped checkpoints
 Run (about 10 minutes on a 2-core CPU; `:quick` under a minute):
 
     python -m experiments.reproduce --workdir=workdir/study
-    python -m experiments.reproduce --workdir=workdir/quick --config=experiments/configs/reproduce.py:quick
+    python -m experiments.reproduce --workdir=workdir/quick \
+        --config=experiments/configs/reproduce.py:quick
 
 Override anything, e.g. `--config.attack.steps=20 --config.methods=ddpm,sde`.
 
