@@ -14,6 +14,8 @@ measures, at the first ``config.compression.num_examples`` clean images of the s
   Jacobian (`diffjax.metrics.compression_rate`: exact for ``d <= 1024`` input dims,
   Hutchinson's matrix-free estimate above, or as ``estimator`` says), with its standard
   error;
+  ``ad_mode="reverse"`` (the default in the configs) builds it from `vjp`s, which also
+  works through models whose layers define a `custom_vjp` (forward mode cannot);
 - the Jacobian spectrum (``spectrum="exact"``: every singular value; ``"top_k"``: the `k`
   largest by Lanczos, for CIFAR-10/ImageNet sizes; ``"none"``) and the fraction of
   singular values below 0.25.
@@ -48,8 +50,9 @@ def _purify_one(purify_fn, key, x):
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "num_probes", "chunk_size",
-                                             "spectrum", "top_k"))
-def _measure(purify_fn, x, key_data, *, estimator, num_probes, chunk_size, spectrum, top_k):
+                                             "spectrum", "top_k", "ad_mode"))
+def _measure(purify_fn, x, key_data, *, estimator, num_probes, chunk_size, spectrum, top_k,
+             ad_mode):
     """Rates, standard errors and singular values of a batch (vmapped over examples)."""
     from diffjax import metrics
     from diffjax.attacks import streams
@@ -62,9 +65,10 @@ def _measure(purify_fn, x, key_data, *, estimator, num_probes, chunk_size, spect
         probe = jax.random.fold_in(example_key, PROBE_SALT)
         rate, se = metrics.compression_rate(f, xi[None], estimator=estimator, key=probe,
                                             num_probes=num_probes, chunk_size=chunk_size,
-                                            return_stderr=True)
+                                            ad_mode=ad_mode, return_stderr=True)
         if spectrum == "exact":
-            sv = metrics.jacobian_singular_values(f, xi[None], chunk_size=chunk_size)[0]
+            sv = metrics.jacobian_singular_values(f, xi[None], chunk_size=chunk_size,
+                                                  ad_mode=ad_mode)[0]
         elif spectrum == "top_k":
             sv = metrics.jacobian_top_singular_values(f, xi[None], top_k, key=probe)[0]
         else:
@@ -105,7 +109,7 @@ def measure(config, workdir: pathlib.Path, mesh, method: str, t_star: int, log=p
         x, kd, nb = parallel.shard_batch(mesh, test.images[sl], kd_all[sl])
         rate, se, sv = _measure(purify_fn, x, kd, estimator=c.estimator,
                                 num_probes=int(c.num_probes), chunk_size=int(c.chunk_size),
-                                spectrum=c.spectrum, top_k=int(c.top_k))
+                                spectrum=c.spectrum, top_k=int(c.top_k), ad_mode=c.ad_mode)
         res = {"ids": test.ids[sl], "rate": parallel.to_host(rate)[:nb],
                "stderr": parallel.to_host(se)[:nb], "sv": parallel.to_host(sv)[:nb]}
         if parallel.is_writer():
@@ -153,6 +157,7 @@ def validate(config) -> None:
     _checks.check_int(c.num_probes, "config.compression.num_probes", lo=2)
     _checks.check_int(c.top_k, "config.compression.top_k", lo=1)
     _checks.check_int(c.chunk_size, "config.compression.chunk_size", lo=1)
+    _checks.check_choice(c.ad_mode, "config.compression.ad_mode", ("forward", "reverse"))
 
 
 def main(argv):
