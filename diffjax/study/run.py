@@ -44,13 +44,29 @@ CORR_SALT = 2
 RANDOMNESS_SALT = 3
 
 
+def as_list(value, cast=str) -> list:
+    """A config list given as a sequence or a comma-separated string ("ddpm,sde")."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return [cast(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"expected a comma-separated list; got {value!r} ({e})") from e
+
+
+def methods_of(config) -> list[str]:
+    return as_list(config.methods)
+
+
 def validate_config(config) -> None:
     """Raises a one-line ValueError for a config that cannot run (checked before any work)."""
-    methods = tuple(config.methods)
+    methods = methods_of(config)
     if not methods:
-        _checks.fail("config.methods", "at least one purifier method", methods)
-    for m in (*methods, *config.compression.methods):
+        _checks.fail("config.methods", "at least one purifier method", config.methods)
+    for m in methods:
         _checks.check_choice(m, "config.methods", diffusion.METHODS)
+    for m in as_list(config.compression.methods):
+        _checks.check_choice(m, "config.compression.methods", diffusion.METHODS)
     _checks.check_number(config.attack.eps, "config.attack.eps", lo=0.0,
                          hi=1.0 if config.attack.norm == "linf" else None)
     _checks.check_choice(config.attack.norm, "config.attack.norm", ("linf", "l2"))
@@ -63,7 +79,11 @@ def validate_config(config) -> None:
     _checks.check_int(config.purifier.t_star, "config.purifier.t_star", lo=1)
     _checks.check_int(config.purifier.num_steps, "config.purifier.num_steps", lo=1,
                       hi=config.purifier.t_star)
-    for t in config.compression.t_stars:
+    try:
+        t_stars = as_list(config.compression.t_stars, int)
+    except ValueError as e:
+        raise ValueError(f"config.compression.t_stars: {e}") from e
+    for t in t_stars:
         _checks.check_int(t, "config.compression.t_stars[i]", lo=1)
     _checks.check_int(config.eval_draws, "config.eval_draws", lo=1)
 
@@ -161,7 +181,7 @@ class Study:
     def clean_accuracy(self) -> dict:
         def compute():
             out = {"undefended": self._accuracy(self.plain, None)}
-            for m in self.config.methods:
+            for m in methods_of(self.config):
                 out[m] = self._accuracy(self.defense(m), ATTACK_SALT)
             return out
 
@@ -318,7 +338,7 @@ class Study:
                 sv = np.asarray(sv)[0]
                 rates.append(float(np.sqrt(np.mean(sv**2))))
                 below.append(float(np.mean(sv < 0.25)))
-            if t_star == self.config.purifier.t_star and method in self.config.methods:
+            if t_star == self.config.purifier.t_star and method in methods_of(self.config):
                 name = f"attack_{method}_t{t_star}_transfer"  # shared with `robust`
                 tr = self.attack_part(name, d, "transfer", 1, self.config.eval_draws)
                 robust_fixed = float(tr["fixed_correct"].mean())
@@ -375,7 +395,7 @@ def run_study(config, workdir: Workdir, log: Callable[[str], None] = print) -> d
     res["robust_accuracy"] = {"undefended": und["robust_accuracy"]}
     res["distances"], res["gradient_correlation"] = {}, {}
     res["randomness_correlation"], res["fid"] = {}, {}
-    for m in config.methods:
+    for m in methods_of(config):
         res["robust_accuracy"][m] = study.robust(m)
         dist = study.distances(m)
         res["distances"][m] = {k: v for k, v in dist.items() if not k.startswith("hist_")}
@@ -383,9 +403,9 @@ def run_study(config, workdir: Workdir, log: Callable[[str], None] = print) -> d
         gc = study.gradient_correlation(m)
         res["gradient_correlation"][m] = gc["mean"]
         res["randomness_correlation"][m] = study.randomness_correlation(m)
-    res["compression"] = [study.compression_point(m, int(t))
-                          for m in config.compression.methods
-                          for t in config.compression.t_stars]
+    res["compression"] = [study.compression_point(m, t)
+                          for m in as_list(config.compression.methods)
+                          for t in as_list(config.compression.t_stars, int)]
     rates = np.array([p["compression_rate"] for p in res["compression"]])
     robust = np.array([p["robust_accuracy_fixed"] for p in res["compression"]])
     try:
@@ -400,7 +420,7 @@ def run_study(config, workdir: Workdir, log: Callable[[str], None] = print) -> d
     except ValueError as e:
         res["rank_correlation"] = {"statistic": None, "error": str(e)}
     res["hist"] = {m: {k: v for k, v in study.distances(m).items() if k.startswith("hist_")}
-                   for m in config.methods}
+                   for m in methods_of(config)}
     res["elapsed_s"] = time.time() - t0
     res["config"] = report.config_to_dict(config)
     res["devices"] = {"count": jax.device_count(), "processes": jax.process_count(),
@@ -414,7 +434,7 @@ def _example_images(study: Study) -> dict:
     """A few clean / adversarial / purified images for the figure grid."""
     k = min(6, len(study.x))
     out = {"clean": study.x[:k]}
-    for m in study.config.methods:
+    for m in methods_of(study.config):
         t_star = study.config.purifier.t_star
         folder = study.workdir.path / "parts" / f"attack_{m}_t{t_star}_transfer"
         files = sorted(folder.glob("batch_*.npz"))

@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_examples = 96
     c.batch_size = 48
-    c.methods = ("ddpm", "reverse_only", "ddim", "sde")
+    c.methods = "ddpm,reverse_only,ddim,sde"  # comma-separated: --config.methods=ddpm,sde
     c.eval_draws = 8
 
     c.purifier = ml_collections.ConfigDict()
@@ -63,8 +63,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.randomness.num_points = 32
 
     c.compression = ml_collections.ConfigDict()
-    c.compression.methods = ("ddpm", "reverse_only", "ddim")
-    c.compression.t_stars = (10, 30, 100, 200, 400)
+    c.compression.methods = "ddpm,reverse_only,ddim"
+    c.compression.t_stars = "10,30,100,200,400"
     c.compression.num_examples = 16
     c.compression.num_attack_examples = 96
 
@@ -85,8 +85,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.correlation.num_examples = 24
         c.randomness.num_images = 2
         c.randomness.num_points = 8
-        c.compression.methods = ("ddpm", "reverse_only")
-        c.compression.t_stars = (10, 100, 300)
+        c.compression.methods = "ddpm,reverse_only"
+        c.compression.t_stars = "10,100,300"
         c.compression.num_examples = 4
         c.compression.num_attack_examples = 24
         c.fid_reference_examples = 300
