@@ -45,6 +45,7 @@ FORMATS = {
     "guided-diffusion": "diffjax.convert.guided:convert",
     "robustbench-wrn": "diffjax.convert.wrn:convert",
     "torchvision-resnet50": "diffjax.convert.resnet:convert",
+    "fid-inception": "diffjax.convert.fid_inception:convert",
 }
 
 

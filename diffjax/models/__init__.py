@@ -53,6 +53,7 @@ _KIND_MODULES = {
     "ncsnpp": "diffjax.models.ncsnpp",
     "guided_unet": "diffjax.models.guided",
     "resnet50": "diffjax.models.resnet",
+    "fid_inception": "diffjax.models.fid_inception",
 }
 KINDS = tuple(_KIND_MODULES)
 
