@@ -65,6 +65,7 @@ def test_ddpm_loss_decreases():
     state, hist = _run(step, state, 0, 40)
     losses = [h["loss"] for h in hist]
     assert len(losses) == 40 and int(state.step) == 40
+    assert step._cache_size() == 1  # compiled once for all 40 steps
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4])
     # EMA lags the params but moved away from the init.
     diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, state.ema_params)
