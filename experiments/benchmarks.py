@@ -26,6 +26,8 @@ _PROFILE = flags.DEFINE_boolean(
     "profile", None, "Also profile: FLOPs of the CIFAR-10 models (XLA cost analysis), the "
     "peer's top ops (torch.profiler), achieved FLOP/s, the GPU projection. Default: on for "
     "the full suite, off for --quick.")
+_THREADS = flags.DEFINE_integer(
+    "torch_threads", 2, "torch.set_num_threads for the peer (XLA uses the machine's cores).")
 _SIZE = flags.DEFINE_enum("settings", None, ["quick", "full", "tiny"],
                           "Overrides --quick: the named settings.")
 
@@ -44,7 +46,8 @@ def main(argv):
     load0 = timing.loadavg()
     print(f"benchmarks ({name}); load average {load0}", flush=True)
     t0 = time.perf_counter()
-    results, info = cases.run_all(settings, log=lambda s: print(s, flush=True))
+    results, info = cases.run_all(settings, log=lambda s: print(s, flush=True),
+                                  torch_threads=_THREADS.value)
     total = time.perf_counter() - t0
     import dataclasses
 

@@ -19,9 +19,9 @@ Cases (the issue's names; `Settings` holds the sizes):
   over the 20 keys; peer: a Python loop of 20 backward passes.
 - ``jacobian_exact``: the compression rate ``||J||_F / sqrt(d)`` at one image under fixed
   randomness. diffjax: `diffjax.metrics.compression_rate` (``estimator="exact"``: `d`
-  forward-mode `jvp`s, batched); peer: ``torch.autograd.functional.jacobian``.
+  Jacobian rows by `vjp`, batched); peer: ``torch.autograd.functional.jacobian``.
 - ``compression_matrix_free``: the same rate by diffjax's matrix-free Hutchinson estimate
-  (`num_probes` `jvp`s) against the peer's full Jacobian; ``rel_error`` against the exact
+  (`num_probes` `vjp`s) against the peer's full Jacobian; ``rel_error`` against the exact
   value.
 - ``scale_*``: how the costs grow with batch size, image size and steps.
 """
@@ -62,7 +62,10 @@ class Settings:
       eot_steps: reverse steps in the EOT case.
       jac_steps: reverse steps of the purifier whose Jacobian is measured.
       num_probes: Hutchinson probes of the matrix-free estimate.
-      jac_chunk: jvps per batch in diffjax's exact Jacobian.
+      jac_chunk: products per batch in diffjax's exact Jacobian.
+      jac_ad_mode: ``compression_rate``'s ``ad_mode``. "reverse" (rows, `vjp`s): the U-Net's
+        convolutions are a `jax.custom_vjp` (`diffjax.models.layers.conv2d`, a fast
+        input-gradient layout), which forward mode cannot differentiate.
       scale_batches: batch sizes of the batch-scaling cases.
       scale_resolutions: image sizes of the image-size scaling cases.
       scale_steps: steps of the scaling cases.
@@ -85,6 +88,7 @@ class Settings:
     jac_steps: int = 10
     num_probes: int = 64
     jac_chunk: int = 64
+    jac_ad_mode: str = "reverse"
     scale_batches: tuple[int, ...] = ()
     scale_resolutions: tuple[int, ...] = ()
     scale_steps: int = 10
@@ -359,9 +363,10 @@ class Bench:
         f = jax.tree_util.Partial(_PurifyOne(pur), pair.eps_fn, self.schedule, keys[0])
         x0 = jnp.asarray(x)
         exact = functools.partial(metrics.compression_rate, f, x0, estimator="exact",
-                                  chunk_size=s.jac_chunk)
+                                  chunk_size=s.jac_chunk, ad_mode=s.jac_ad_mode)
         hutch = functools.partial(metrics.compression_rate, f, x0, estimator="hutchinson",
                                   num_probes=s.num_probes, chunk_size=s.jac_chunk,
+                                  ad_mode=s.jac_ad_mode,
                                   key=jax.random.key(7), return_stderr=True)
         t_first = timing.median_time(exact, repeats=1, warmup=0)[0]
         rate_exact = float(np.asarray(exact())[0])
@@ -411,18 +416,19 @@ class Bench:
 
 
 def run_all(settings: Settings, log: Callable[[str], None] = print,
-            workdir: str | None = None) -> tuple[dict, dict]:
-    """Runs every case of `settings`.
+            workdir: str | None = None, torch_threads: int = 2) -> tuple[dict, dict]:
+    """Runs every case of `settings` (the peer with `torch_threads` threads).
 
     Returns:
       (results, info): ``{case name: fields}`` and facts about the models (parameter
       counts, FLOPs per U-Net call).
     """
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads)
     b = Bench(settings, log=log, workdir=workdir)
     s = settings
     pair = b.pair(s.size)
     info = {"size": dataclasses.asdict(s.size), "num_params": pair.num_params,
+            "torch_threads": torch.get_num_threads(),
             "unet_flops_per_image": timing.unet_flops(pair.eps_fn, 1, s.size.resolution,
                                                        s.size.channels)}
     b.purify_case(f"purify_t{s.t_star}", s.size, s.purify_batch, s.t_star)
