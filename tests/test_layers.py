@@ -41,3 +41,17 @@ def test_input_gradient_inside_scan_uses_standard_kernel_layout():
     hlo = jax.jit(jax.grad(lambda x: chain(x).sum())).lower(x).compile().as_text()
     labels = set(re.findall(r"dim_labels=\w+_(\w+)->", hlo))
     assert labels and all(lab.endswith("io") for lab in labels), labels
+
+
+def test_forward_mode_and_second_order_work():
+    conv = layers.Conv(3)
+    ref = nn.Conv(3, (3, 3))
+    x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
+    params = ref.init(jax.random.key(1), x)
+    v = jax.random.normal(jax.random.key(2), x.shape)
+    _, t_ours = jax.jvp(lambda x: conv.apply(params, x), (x,), (v,))
+    _, t_ref = jax.jvp(lambda x: ref.apply(params, x), (x,), (v,))
+    np.testing.assert_allclose(t_ours, t_ref, atol=1e-5)
+    hvp = lambda m: jax.jvp(jax.grad(lambda x: jnp.sum(jnp.tanh(m.apply(params, x)))), (x,),
+                            (v,))[1]
+    np.testing.assert_allclose(hvp(conv), hvp(ref), atol=1e-4)

@@ -10,10 +10,11 @@ measured a 6-layer 3x3 conv net, gradient through a 4-step scan, batch 48 at 8x8
 diffusion U-Net of the embedded default: see BENCHMARKS.md).
 
 `Conv` computes the same function with the same parameters (`kernel` HWIO, `bias`), so
-checkpoints and converters are unchanged; only its VJP differs: the input-gradient is
-taken through a convolution whose kernel was explicitly stored as HWOI behind an
-`optimization_barrier`, so JAX's transpose rule swaps it back to the standard `01io` layout
-that the fast path handles. The weight-gradient is JAX's own.
+checkpoints and converters are unchanged; only its derivative rule differs (a `custom_jvp`,
+so forward mode, reverse mode, `vmap` and higher orders all work): the tangent in the input
+goes through a convolution whose kernel was explicitly stored as HWOI behind an
+`optimization_barrier`, so the transpose rule (reverse mode) swaps it back to the standard
+`01io` layout that the fast path handles.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ _DN = ("NHWC", "HWIO", "NHWC")
 _DN_SWAPPED = ("NHWC", "HWOI", "NHWC")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
-    """`lax.conv_general_dilated` NHWC x HWIO with a loop-friendly VJP (module docstring).
+    """`lax.conv_general_dilated` NHWC x HWIO with loop-friendly derivatives (module doc).
 
     Args:
       x: `[B, H, W, C_in]`.
@@ -48,21 +49,20 @@ def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], 
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
 
 
-def _conv_fwd(x, kernel, strides, padding):
-    return conv2d(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv_bwd(strides, padding, res, g):
-    x, kernel = res
+@conv2d.defjvp
+def _conv_jvp(strides, padding, primals, tangents):
+    # The tangent in x goes through a convolution with the kernel stored as HWOI behind an
+    # optimization barrier; reverse mode transposes that linear map into a convolution
+    # with the standard 01io kernel layout (the fast path), and forward mode (jvp, the
+    # Jacobian's basis products) works as for any convolution.
+    x, kernel = primals
+    dx, dk = tangents
+    out = conv2d(x, kernel, strides, padding)
     swapped = lax.optimization_barrier(jnp.swapaxes(kernel, 2, 3))
-    _, vjp_x = jax.vjp(lambda x_: lax.conv_general_dilated(
-        x_, swapped, strides, padding, dimension_numbers=_DN_SWAPPED), x)
-    _, vjp_k = jax.vjp(lambda k_: lax.conv_general_dilated(
-        x, k_, strides, padding, dimension_numbers=_DN), kernel)
-    return vjp_x(g)[0], vjp_k(g)[0]
-
-
-conv2d.defvjp(_conv_fwd, _conv_bwd)
+    d_out = lax.conv_general_dilated(dx, swapped, strides, padding,
+                                     dimension_numbers=_DN_SWAPPED)
+    d_out = d_out + lax.conv_general_dilated(x, dk, strides, padding, dimension_numbers=_DN)
+    return out, d_out
 
 
 def _explicit_padding(padding, kernel_size, strides, in_hw):
