@@ -164,13 +164,14 @@ def main(argv):
     del argv
     from experiments import common
 
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)
     with common.one_line_errors():
         from diffjax import parallel
 
         config = er.CONFIG.value
         er.validate(config)
         validate(config)
+        er.check_models(config, er.as_list(config.compression.methods))
         workdir, mesh = er.setup(er.WORKDIR.value, er.DISTRIBUTED.value)
         common.log(f"compression on {jax.device_count()} device(s), workdir {workdir}")
         points = []

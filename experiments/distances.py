@@ -159,7 +159,7 @@ def main(argv):
     del argv
     from experiments import common
 
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)
     with common.one_line_errors():
         from diffjax import _checks, parallel
 
@@ -170,6 +170,7 @@ def main(argv):
         _checks.check_int(config.distances.fid_reference_examples,
                           "config.distances.fid_reference_examples", lo=2)
         config.save_adversarial = True  # the distances need the adversarial images
+        er.check_models(config, er.as_list(config.methods))
         workdir, mesh = er.setup(er.WORKDIR.value, er.DISTRIBUTED.value)
         common.log(f"distances on {jax.device_count()} device(s), workdir {workdir}")
         summary = {}

@@ -208,6 +208,14 @@ def load_diffusion(config):
     return model
 
 
+def check_models(config, methods) -> None:
+    """Loads the classifier and (when a method purifies) the diffusion model up front, so
+    a missing checkpoint directory fails before any data is read or work is done."""
+    load_classifier(config)
+    if any(m != UNDEFENDED for m in methods):
+        load_diffusion(config)
+
+
 def make_purify_fn(config, method: str, t_star: int | None = None):
     """The purifier `(x, keys) -> x'` of `method` at `t_star` (default the config's)."""
     from jax.tree_util import Partial
@@ -480,10 +488,11 @@ def main(argv):
     del argv
     from experiments import common
 
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    logging.set_verbosity(logging.ERROR)  # orbax/tfds log at INFO/WARNING: keep errors 1 line
     with common.one_line_errors():
         config = CONFIG.value
         validate(config)
+        check_models(config, as_list(config.methods))
         workdir, mesh = setup(WORKDIR.value, DISTRIBUTED.value)
         common.log(f"eval_robustness on {jax.device_count()} {jax.devices()[0].platform} "
                    f"device(s), {jax.process_count()} process(es); workdir {workdir}")

@@ -192,3 +192,34 @@ def test_unwritable_workdir_and_missing_workdir(tmp_path, ddpm):
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(err) == 1, proc.stderr
         assert err[0].startswith("error:") and "workdir" in err[0], proc.stderr
+
+
+@pytest.mark.parametrize("name", ["eval_digits", "eval_cifar10", "eval_imagenet"])
+def test_configs_are_valid_and_document_their_command(name):
+    import importlib
+
+    from experiments import compression, eval_robustness
+
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for variant in ("", "quick"):
+        config = module.get_config(variant)
+        eval_robustness.validate(config)
+        compression.validate(config)
+    assert f"--config=experiments/configs/{name}.py" in module.__doc__
+    assert "Expected" in module.__doc__
+    with pytest.raises(ValueError, match="variant"):
+        module.get_config("huge")
+
+
+@pytest.mark.parametrize("script,config,needle", [
+    ("eval_robustness", "eval_cifar10", "checkpoints/wrn_28_10_standard"),
+    ("compression", "eval_imagenet", "checkpoints/resnet50"),
+])
+def test_paper_configs_without_checkpoints_fail_in_one_line(script, config, needle, tmp_path):
+    # The paper's checkpoints are converted by hand; a missing directory says so in one line.
+    proc = run_script(script, f"--config=experiments/configs/{config}.py:quick",
+                      f"--workdir={tmp_path}", check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert err[0].startswith("error:") and needle in err[0], proc.stderr
+    assert "no such checkpoint" in err[0]
