@@ -37,8 +37,8 @@ Forward pass of ``features_fn(x)``, NHWC, ``x`` in [0, 1] of any spatial size:
    the model.
 
 Flax module names mirror the PyTorch names (``Mixed_6b/branch7x7_2/conv``,
-``.../bn``), so the converter is a renaming. 21,784,448 parameters (conv kernels and
-BatchNorm scales/offsets) plus 2 x 10,336 BatchNorm statistics. The function is
+``.../bn``), so the converter is a renaming. 21,785,568 parameters (conv kernels and
+BatchNorm scales/offsets) plus 2 x 17,216 BatchNorm statistics. The function is
 differentiable with respect to the images and `jit`/`vmap`-able.
 
 Config keys: ``resolution`` (299: the side images are resized to inside; 299 is the
