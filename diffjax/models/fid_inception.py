@@ -80,7 +80,8 @@ def resize_bilinear(x, size: int):
     """PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)`` on NHWC images.
 
     Half-pixel centres and no antialiasing (also when shrinking), as pytorch-fid resizes;
-    ``jax.image.resize(..., antialias=False)`` computes exactly that.
+    ``jax.image.resize(..., antialias=False)`` computes that (equal to PyTorch's to float32
+    round-off, tested for up- and down-sampling).
 
     Args:
       x: ``[B, H, W, C]``.
