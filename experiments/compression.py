@@ -171,8 +171,8 @@ def main(argv):
         config = er.CONFIG.value
         er.validate(config)
         validate(config)
-        er.check_models(config, er.as_list(config.compression.methods))
         workdir, mesh = er.setup(er.WORKDIR.value, er.DISTRIBUTED.value)
+        er.check_models(config, er.as_list(config.compression.methods))
         common.log(f"compression on {jax.device_count()} device(s), workdir {workdir}")
         points = []
         for method in er.as_list(config.compression.methods):

@@ -170,8 +170,8 @@ def main(argv):
         _checks.check_int(config.distances.fid_reference_examples,
                           "config.distances.fid_reference_examples", lo=2)
         config.save_adversarial = True  # the distances need the adversarial images
-        er.check_models(config, er.as_list(config.methods))
         workdir, mesh = er.setup(er.WORKDIR.value, er.DISTRIBUTED.value)
+        er.check_models(config, er.as_list(config.methods))
         common.log(f"distances on {jax.device_count()} device(s), workdir {workdir}")
         summary = {}
         for method in er.as_list(config.methods):

@@ -492,8 +492,8 @@ def main(argv):
     with common.one_line_errors():
         config = CONFIG.value
         validate(config)
-        check_models(config, as_list(config.methods))
         workdir, mesh = setup(WORKDIR.value, DISTRIBUTED.value)
+        check_models(config, as_list(config.methods))
         common.log(f"eval_robustness on {jax.device_count()} {jax.devices()[0].platform} "
                    f"device(s), {jax.process_count()} process(es); workdir {workdir}")
         summary: dict = {}
