@@ -36,7 +36,7 @@ def main(variant: str) -> dict:
         args = (x, pair.eps_fn, b.schedule, keys, w, labels)
         grad = cases._make_grad(cases._Purifier(s.t_star, steps))
         comp, compile_s, peak = timing.compile_jax(grad, *args)
-        t, _ = timing.median_time(lambda: comp(*args), repeats=3)
+        t, _ = timing.median_time(lambda c=comp, a=args: c(*a), repeats=3)
         out[f"grad_t{steps}"] = {"s_per_img": t / s.grad_batch, "compile_s": compile_s,
                                  "peak_mb": peak,
                                  "grad_abs_max": float(np.abs(np.asarray(comp(*args))).max())}
