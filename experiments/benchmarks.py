@@ -61,7 +61,11 @@ def main(argv):
     do_profile = _PROFILE.value if _PROFILE.value is not None else name == "full"
     if do_profile:
         print("profiling ...", flush=True)
-        meta["profile"] = _profile(settings, results, info)
+        try:
+            meta["profile"] = _profile(settings, results, info)
+        except Exception as e:  # noqa: BLE001 - the cases' results are still written
+            print(f"profile FAILED: {type(e).__name__}: {e}", flush=True)
+            meta["profile_error"] = f"{type(e).__name__}: {e}"
         meta["total_with_profile_s"] = time.perf_counter() - t0
     jpath, mpath = report.write(_OUT.value, results, meta)
     print(f"wrote {jpath} and {mpath} in {total:.1f} s; load average {meta['loadavg_after']}")

@@ -344,7 +344,7 @@ class Bench:
             resolution=size.resolution)
 
     def compression_cases(self, size: models.UNetSize, steps: int, suffix: str = "",
-                          peer_rows: int | None = None) -> None:
+                          peer_rows: int | None = None, repeats: int | None = None) -> None:
         """``jacobian_exact`` and ``compression_matrix_free`` at one image.
 
         Args:
@@ -354,8 +354,10 @@ class Bench:
           peer_rows: if set, the peer's full Jacobian is timed on this many rows (one
             backward pass each, the loop ``jacobian`` runs) and scaled to all `d` rows
             (``peer_extrapolated``); its rate is then not compared.
+          repeats: timed runs (default `Settings.repeats`).
         """
         s = self.s
+        reps = s.repeats if repeats is None else repeats
         pair = self.pair(size)
         x, keys, _, _ = self.inputs(size, 1, seed=3)
         d = int(np.prod(x.shape[1:]))
@@ -370,10 +372,10 @@ class Bench:
                                   key=jax.random.key(7), return_stderr=True)
         t_first = timing.median_time(exact, repeats=1, warmup=0)[0]
         rate_exact = float(np.asarray(exact())[0])
-        tj, _ = timing.median_time(exact, repeats=s.repeats, warmup=0)
+        tj, _ = timing.median_time(exact, repeats=reps, warmup=0)
         t_first_h = timing.median_time(hutch, repeats=1, warmup=0)[0]
         rate_h, se_h = (float(np.asarray(v)[0]) for v in hutch())
-        th, _ = timing.median_time(hutch, repeats=s.repeats, warmup=0)
+        th, _ = timing.median_time(hutch, repeats=reps, warmup=0)
 
         ppur = self.peer_purifier(pair, steps)
         xt, nz = peer.to_nchw(x)[0], self.noises(keys, size, steps)
@@ -381,7 +383,7 @@ class Bench:
         if peer_rows is None:
             rate_p, _ = ppur.jacobian_rate(xt, nz)
             tp, _ = timing.median_time(lambda: ppur.jacobian_rate(xt, nz),
-                                       repeats=max(1, s.repeats - 2), warmup=0)
+                                       repeats=max(1, reps - 2), warmup=0)
             diff = abs(rate_p - rate_exact)
         else:
             tp = self._peer_rows_time(ppur, xt, nz, peer_rows) * d
@@ -431,23 +433,36 @@ def run_all(settings: Settings, log: Callable[[str], None] = print,
             "torch_threads": torch.get_num_threads(),
             "unet_flops_per_image": timing.unet_flops(pair.eps_fn, 1, s.size.resolution,
                                                        s.size.channels)}
-    b.purify_case(f"purify_t{s.t_star}", s.size, s.purify_batch, s.t_star)
+    def guarded(name, fn, *args, **kw):
+        # One failing case (e.g. a subprocess) is recorded and the suite goes on.
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - reported in the results, never hidden
+            log(f"[{name}] FAILED: {type(e).__name__}: {e}")
+            b.results[name] = {"what": "failed", "error": f"{type(e).__name__}: {e}"}
+
+    guarded("purify", b.purify_case, f"purify_t{s.t_star}", s.size, s.purify_batch, s.t_star)
     for steps in s.grad_steps:
-        b.grad_case(f"grad_t{steps}", s.size, s.grad_batch, steps)
-    b.eot_case(f"eot{s.eot}_grad")
-    b.compression_cases(s.size, s.jac_steps)
+        guarded(f"grad_t{steps}", b.grad_case, f"grad_t{steps}", s.size, s.grad_batch, steps)
+    guarded("eot", b.eot_case, f"eot{s.eot}_grad")
+    guarded("compression", b.compression_cases, s.size, s.jac_steps)
     for batch in s.scale_batches:
-        b.purify_case(f"scale_batch{batch}_purify", s.size, batch, s.scale_steps)
-        b.grad_case(f"scale_batch{batch}_grad", s.size, batch, s.scale_steps, memory=False)
+        guarded(f"scale_batch{batch}_purify", b.purify_case, f"scale_batch{batch}_purify",
+                s.size, batch, s.scale_steps)
+        guarded(f"scale_batch{batch}_grad", b.grad_case, f"scale_batch{batch}_grad", s.size,
+                batch, s.scale_steps, memory=False)
     for res in s.scale_resolutions:
         size = dataclasses.replace(s.size, resolution=res)
-        b.purify_case(f"scale_res{res}_purify", size, s.purify_batch, s.scale_steps)
-        b.grad_case(f"scale_res{res}_grad", size, s.grad_batch, s.scale_steps, memory=False)
+        guarded(f"scale_res{res}_purify", b.purify_case, f"scale_res{res}_purify", size,
+                s.purify_batch, s.scale_steps)
+        guarded(f"scale_res{res}_grad", b.grad_case, f"scale_res{res}_grad", size,
+                s.grad_batch, s.scale_steps, memory=False)
         if res != s.size.resolution:
             p = b.pair(size)
             info[f"unet_flops_per_image_res{res}"] = timing.unet_flops(p.eps_fn, 1, res,
                                                                        size.channels)
     if s.cifar_compression:
         size = dataclasses.replace(s.size, resolution=32)
-        b.compression_cases(size, s.cifar_jac_steps, suffix="_32", peer_rows=16)
+        guarded("compression_32", b.compression_cases, size, s.cifar_jac_steps, suffix="_32",
+                peer_rows=16, repeats=1)
     return b.results, info

@@ -66,6 +66,9 @@ def markdown_table(results: dict) -> str:
             "| diffjax MB | peer MB (ckpt) | compile s | max abs diff |")
     lines = [head, "|" + "---|" * 10]
     for name, r in cases_of(results).items():
+        if "error" in r:
+            lines.append(f"| `{name}` | FAILED: {r['error'][:200]} |" + " - |" * 8)
+            continue
         peer_mb = _fmt(r.get("peer_peak_mb"))
         if r.get("peer_ckpt_peak_mb") is not None:
             peer_mb += f" ({_fmt(r['peer_ckpt_peak_mb'])})"
