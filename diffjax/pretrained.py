@@ -54,12 +54,13 @@ class LoadedModel:
     Attributes:
       name: the registry name or the directory's name.
       kind: the model kind (see `diffjax.models.KINDS`).
-      role: "diffusion" or "classifier".
+      role: "diffusion", "classifier" or "features" (a feature extractor, e.g. FID's
+        InceptionV3).
       config: the architecture config dict.
       params: the variables dict passed to `module.apply` (`{"params": ...}`, plus
         `"batch_stats"` for BatchNorm models).
       module: the Flax module.
-      fn: `eps_fn` or `logits_fn` (see the properties below).
+      fn: `eps_fn`, `logits_fn` or `features_fn` (see the properties below).
       meta: everything else from model.json (source, command, numbers, schedule).
       path: the directory it was loaded from.
     """
@@ -74,19 +75,28 @@ class LoadedModel:
     meta: dict
     path: pathlib.Path
 
+    def _fn_of(self, role: str, name: str) -> Callable:
+        if self.role != role:
+            have = {"diffusion": "eps_fn", "classifier": "logits_fn",
+                    "features": "features_fn"}.get(self.role, "fn")
+            raise AttributeError(f"{self.name!r} is a {self.role} model; it has .{have}, "
+                                 f"not .{name}")
+        return self.fn
+
     @property
     def eps_fn(self) -> Callable:
         """`eps_fn(x_t, t)`: x_t NHWC in [-1, 1], t int32 [B] timestep indices."""
-        if self.role != "diffusion":
-            raise AttributeError(f"{self.name!r} is a {self.role}; it has .logits_fn, not .eps_fn")
-        return self.fn
+        return self._fn_of("diffusion", "eps_fn")
 
     @property
     def logits_fn(self) -> Callable:
         """`logits_fn(x)`: x NHWC in [0, 1] -> logits [B, num_classes]."""
-        if self.role != "classifier":
-            raise AttributeError(f"{self.name!r} is a {self.role}; it has .eps_fn, not .logits_fn")
-        return self.fn
+        return self._fn_of("classifier", "logits_fn")
+
+    @property
+    def features_fn(self) -> Callable:
+        """`features_fn(x)`: x NHWC in [0, 1] -> features [B, F] (e.g. FID's InceptionV3)."""
+        return self._fn_of("features", "features_fn")
 
     def schedule(self):
         """The noise schedule the diffusion model was trained with (a `Schedule`)."""

@@ -6,7 +6,8 @@ r"""Converts a public pretrained checkpoint into a diffjax model directory.
         --src=Standard.pt --out=~/.cache/diffjax/checkpoints/wrn_28_10_standard
 
 Formats: ddpm-diffusers, ddpm-pytorch-diffusion, score-sde-pytorch, score-sde-flax,
-guided-diffusion, robustbench-wrn, torchvision-resnet50 (`diffjax.convert.FORMATS`).
+guided-diffusion, robustbench-wrn, torchvision-resnet50, fid-inception
+(`diffjax.convert.FORMATS`).
 `--model_config=FILE.json` gives another architecture in the reference implementation's
 own terms. The written directory loads with `diffjax.pretrained.load(DIR)`; this script
 loads it back and runs one forward pass on zeros before reporting success. It prints the
@@ -57,7 +58,7 @@ def smoke_check(out_dir) -> float:
     if model.role == "diffusion":  # jit: one compile beats hundreds of eager dispatches
         y = jax.jit(lambda f, x, t: f(x, t))(model.eps_fn, x, jnp.zeros((1,), jnp.int32))
     else:
-        y = jax.jit(lambda f, x: f(x))(model.logits_fn, x)
+        y = jax.jit(lambda f, x: f(x))(model.fn, x)  # logits_fn, or features_fn
     y = np.asarray(y)
     if not np.all(np.isfinite(y)):
         raise ValueError(f"{out_dir}: the converted model's output on zeros is not finite")

@@ -18,9 +18,10 @@ Feature extractors: any ``features_fn(x) -> [B, F]`` on ``[B, H, W, C]`` images 
   `flax.linen.intercept_methods`, so no model code has to expose it.
 - The standard FID (InceptionV3 pool3 features, 2048-d) needs the Inception weights
   converted from the widely used PyTorch FID file ``pt_inception-2015-12-05-6726825d.pth``
-  (pytorch-fid); diffjax ships no such network yet. With one (any Flax or JAX port
-  returning the 2048-d pool features from [0, 1] images resized to 299x299 inside), pass its
-  function as `features_fn`: the numbers are then the standard FID. Features from another
+  (pytorch-fid): `python -m experiments.convert_checkpoint --format=fid-inception
+  --src=pt_inception-2015-12-05-6726825d.pth --out=DIR`, then
+  `fid(pretrained.load(DIR).fn, images1, images2)` (kind `fid_inception`: [0, 1] images of
+  any size, resized to 299x299 inside): the numbers are then the standard FID. Features from another
   network give a Frechet distance in that network's feature space, comparable only within
   it.
 

@@ -17,7 +17,8 @@ named in `_KIND_MODULES`; no import side effects):
   `{"params": ...}` plus `"batch_stats"` where the model has BatchNorm)
 - `make_fn(module, config, variables) -> fn`: for `role == "diffusion"` an
   `eps_fn(x_t, t)` following API.md (x_t NHWC in [-1, 1], t int32 [B] timestep indices),
-  for `role == "classifier"` a `logits_fn(x)` on [0, 1] images (normalisation inside).
+  for `role == "classifier"` a `logits_fn(x)` on [0, 1] images (normalisation inside),
+  for `role == "features"` a `features_fn(x) -> [B, F]` on [0, 1] images.
   The returned function is a `jax.tree_util.Partial` whose arguments hold the variables, so
   passing it through `jit` traces the weights instead of baking them in as constants, and
   the compiled code is cached per model.
@@ -38,7 +39,7 @@ class ModelSpec:
     """How to build, initialise and call one kind of model (see the module docstring)."""
 
     kind: str
-    role: str  # "diffusion" or "classifier"
+    role: str  # "diffusion", "classifier" or "features"
     build: Callable[[dict], Any]
     init: Callable[[Any, dict, Any], dict]
     make_fn: Callable[[Any, dict, dict], Callable]
