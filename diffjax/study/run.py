@@ -107,7 +107,9 @@ class Study:
             raise ValueError(f"config.classifier: {cfg.classifier!r} is a "
                              f"{self.classifier.role}, expected a classifier")
         self.schedule = self.diffusion_model.schedule()
-        test = data.load_arrays(cfg.dataset, "test", data_dir=cfg.get("data_dir"),
+        splits = data.info(cfg.dataset).split_sizes
+        split = "test" if "test" in splits else "validation"  # imagenet2012: validation
+        test = data.load_arrays(cfg.dataset, split, data_dir=cfg.get("data_dir"),
                                 num_examples=cfg.num_examples)
         self.x, self.y, self.ids = test.images, test.labels, test.ids
         self.num_classes = data.info(cfg.dataset).num_classes
@@ -130,6 +132,11 @@ class Study:
         steps = min(num_steps or self.config.purifier.num_steps, t_star)
         purifier = make_purifier(self.diffusion_model.eps_fn, schedule=self.schedule,
                                  t_star=t_star, method=method, num_steps=steps)
+        cfg = self.diffusion_model.config
+        size = cfg.get("image_size", cfg.get("resolution"))
+        if size and size != self.x.shape[1]:
+            # The paper's ImageNet setting: 224 for the classifier, 256 for the purifier.
+            purifier = Partial(_resized_purify, purifier, int(size))
         return Defense(purifier, self.classifier.logits_fn)
 
     def purifier_fn(self, method, t_star=None, num_steps=None):
@@ -356,6 +363,14 @@ class Study:
                     "robust_accuracy_fixed": robust_fixed, "clean_accuracy": clean}
 
         return self.workdir.part(f"compression_{method}_t{t_star}", compute)
+
+
+def _resized_purify(purify_fn, size, x, keys):
+    """Purifies at the diffusion model's resolution and resizes back (bilinear)."""
+    b, h, w, c = x.shape
+    up = jax.image.resize(x, (b, size, size, c), "bilinear")
+    out = purify_fn(jnp.clip(up, 0.0, 1.0), keys)
+    return jnp.clip(jax.image.resize(out, (b, h, w, c), "bilinear"), 0.0, 1.0)
 
 
 def _ssim_window(shape) -> dict:
