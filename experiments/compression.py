@@ -14,8 +14,8 @@ measures, at the first ``config.compression.num_examples`` clean images of the s
   Jacobian (`diffjax.metrics.compression_rate`: exact for ``d <= 1024`` input dims,
   Hutchinson's matrix-free estimate above, or as ``estimator`` says), with its standard
   error;
-  ``ad_mode="reverse"`` (the default in the configs) builds it from `vjp`s, which also
-  works through models whose layers define a `custom_vjp` (forward mode cannot);
+  ``ad_mode`` picks `vjp`s (``"reverse"``, the configs' default) or `jvp`s
+  (``"forward"``) to reach the Jacobian: the same cost for a purifier (d_out = d_in);
 - the Jacobian spectrum (``spectrum="exact"``: every singular value; ``"top_k"``: the `k`
   largest by Lanczos, for CIFAR-10/ImageNet sizes; ``"none"``) and the fraction of
   singular values below 0.25.
@@ -121,8 +121,9 @@ def measure(config, workdir: pathlib.Path, mesh, method: str, t_star: int, log=p
     below = None
     if c.spectrum != "none":
         total = d if c.spectrum == "top_k" else None
-        below = float(np.nanmean(np.asarray(metrics.fraction_below(cat["sv"], 0.25,
-                                                                    total=total))))
+        frac = np.asarray(metrics.fraction_below(cat["sv"], 0.25, total=total))
+        # top_k: undetermined (NaN) where the k-th value is still above 0.25.
+        below = float(np.nanmean(frac)) if np.isfinite(frac).any() else None
     steps = min(int(config.purifier.num_steps) or t_star, t_star)
     return {"method": method, "t_star": int(t_star), "num_steps": steps, "n": int(n),
             "compression_rate": float(cat["rate"].mean()),

@@ -79,8 +79,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.compression.estimator = "auto"  # d = 3072 > 1024: Hutchinson
     c.compression.num_probes = 64
     # The whole spectrum (claim 4: >90% of singular values below 0.25): 3,072 vjps per
-    # image through the 100 reverse steps. "top_k" (Lanczos) needs jvp through the model,
-    # which the models' custom_vjp convolutions (models.layers.Conv) do not support yet.
+    # image through the 100 reverse steps. "top_k" (Lanczos) is cheaper but leaves the
+    # fraction undetermined (NaN) unless the k-th value is already below 0.25.
     c.compression.spectrum = "exact"
     c.compression.top_k = 64
     c.compression.chunk_size = 16

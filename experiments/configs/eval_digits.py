@@ -76,8 +76,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.compression.spectrum = "exact"  # "exact", "top_k" (Lanczos) or "none"
     c.compression.top_k = 32
     c.compression.chunk_size = 32
-    # vjp-based Jacobians: also through layers with a custom_vjp (models.layers.Conv),
-    # which forward mode (jvp) cannot differentiate. Same cost here (d_out = d_in).
+    # "reverse": the Jacobian from vjps (rows), "forward": from jvps (columns); the same
+    # cost for a purifier (d_out = d_in).
     c.compression.ad_mode = "reverse"
 
     if arg == "quick":

@@ -64,9 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.compression.num_examples = 16
     c.compression.estimator = "hutchinson"  # d = 150,528
     c.compression.num_probes = 32
-    # d = 150,528: no full spectrum; "top_k" (Lanczos) needs jvp through the model, which
-    # the custom_vjp convolutions (models.layers.Conv) do not support yet.
-    c.compression.spectrum = "none"
+    # d = 150,528: no full spectrum; the 32 largest singular values by Lanczos.
+    c.compression.spectrum = "top_k"
     c.compression.top_k = 32
     c.compression.chunk_size = 4
 
@@ -80,6 +79,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.compression.t_stars = "150"
         c.compression.num_examples = 1
         c.compression.num_probes = 2
+        c.compression.top_k = 2
     elif arg:
         raise ValueError(f"config: unknown variant {arg!r}; use '' or 'quick'")
     return c
