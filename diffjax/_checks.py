@@ -41,8 +41,12 @@ def fail(name: str, expected: str, got: Any, hint: str | None = None):
 
 
 def is_concrete(x) -> bool:
-    """True when `x` holds values (not a tracer inside jit/grad/vmap)."""
-    return not isinstance(x, jax.core.Tracer)
+    """True when `x`'s values can be read here: not a tracer inside jit/grad/vmap, and not
+    a global array spanning several processes (multi-host: each process checks the rows it
+    loaded before assembling the global batch)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return not (isinstance(x, jax.Array) and not x.is_fully_addressable)
 
 
 def _describe(x) -> str:

@@ -39,10 +39,18 @@ def initialize(distributed: bool) -> None:
     """Calls `jax.distributed.initialize()` once when `distributed` (multi-host runs).
 
     On TPU pods and SLURM/Kubernetes GPU clusters JAX discovers the coordinator itself;
-    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (JAX reads
+    only the first from the environment; the other two are passed here).
     """
     if distributed and not _INITIALIZED["done"]:
-        jax.distributed.initialize()
+        import os
+
+        kwargs = {}
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kwargs)
         _INITIALIZED["done"] = True
 
 

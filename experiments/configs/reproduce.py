@@ -84,7 +84,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.correlation.eot = 4
         c.correlation.num_examples = 24
         c.randomness.num_images = 2
-        c.randomness.num_points = 8
+        c.randomness.num_points = 24  # = batch_size: reuses the compiled purifier
         c.compression.methods = "ddpm,reverse_only"
         c.compression.t_stars = "10,100,300"
         c.compression.num_examples = 4
