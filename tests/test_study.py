@@ -20,7 +20,7 @@ def tiny_config():
     c = reproduce_config.get_config("quick")
     c.methods = "ddpm,ddim"
     c.num_examples = 8
-    c.batch_size = 8
+    c.batch_size = 4  # two batches: per-batch keys and resume are exercised
     c.eval_draws = 2
     c.purifier.num_steps = 2
     c.attack.steps = 2

@@ -154,8 +154,9 @@ class Study:
             random_start=bool(a.random_start), loss=a.loss,
             gradient=attacks.Gradient(gradient or a.gradient, int(eot)))
 
-    def sharded(self, sl, *arrays):
-        return parallel.shard_batch(self.mesh, *(a[sl] for a in arrays))
+    def sharded(self, *arrays):
+        """Places one batch (already sliced) on the data mesh; returns (*arrays, n)."""
+        return parallel.shard_batch(self.mesh, *arrays)
 
     def keys_of(self, sl):
         return jax.random.wrap_key_data(jnp.asarray(self.keys[sl]))
@@ -170,7 +171,7 @@ class Study:
 
         def compute(i):
             sl = slices[i]
-            x, y, keys, nb = self.sharded(sl, self.x, self.y, self.keys_of(sl))
+            x, y, keys, nb = self.sharded(self.x[sl], self.y[sl], self.keys_of(sl))
             out = attacks.attack_and_evaluate(defense, x, y, keys, config=config,
                                               protocol=protocol, eval_draws=eval_draws)
             res = {k: parallel.to_host(out[k])[:nb] for k in
@@ -197,7 +198,7 @@ class Study:
     def _accuracy(self, defense: Defense, salt, t_star=None) -> float:
         correct = []
         for sl in self.batches():
-            x, y, keys, nb = self.sharded(sl, self.x, self.y, self.keys_of(sl))
+            x, y, keys, nb = self.sharded(self.x[sl], self.y[sl], self.keys_of(sl))
             pred = jnp.argmax(defense.logits(x, keys), -1)
             correct.append(parallel.to_host(pred == y)[:nb])
         return float(np.mean(np.concatenate(correct)))
@@ -280,7 +281,7 @@ class Study:
         out = []
         for sl in self.batches(len(images)):
             keys = self.keys_of(sl) if salt == ATTACK_SALT else self.example_keys(salt)[sl]
-            x, k, nb = self.sharded(sl, images, keys)
+            x, k, nb = self.sharded(images[sl], keys)
             out.append(parallel.to_host(pur(x, k))[:nb])
         return np.concatenate(out)
 
@@ -292,7 +293,7 @@ class Study:
             n = min(cfg.num_examples, len(self.x))
             vals = []
             for sl in self.batches(n):
-                x, y, keys, nb = self.sharded(sl, self.x, self.y, self.keys_of(sl))
+                x, y, keys, nb = self.sharded(self.x[sl], self.y[sl], self.keys_of(sl))
                 c = attacks.gradient_correlation(d, x, y, keys, eot=int(cfg.eot),
                                                  key=jax.random.fold_in(self.root, CORR_SALT))
                 vals.append(parallel.to_host(c)[:nb])
