@@ -37,7 +37,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffjax import _checks
+from diffjax import _checks, parallel
 from diffjax.diffusion import Schedule, q_sample, to_model_space
 
 __all__ = [
@@ -361,10 +361,7 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D ``("data",)`` mesh over the first `num_devices` devices (default: all)."""
     n = jax.device_count() if num_devices is None else _checks.check_int(
         num_devices, "num_devices", lo=1, hi=jax.device_count())
-    # Auto axes (GSPMD propagation): model code need not annotate shardings; jax 0.10's
-    # default (Explicit) would make every op's sharding part of its type.
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+    return parallel.data_mesh(jax.devices()[:n])  # Auto axes: see diffjax.parallel
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):

@@ -1,8 +1,11 @@
 """What every experiment script shares: one-line errors and timestamped progress lines."""
 
 import contextlib
+import re
 import sys
 import time
+
+from absl import flags
 
 _START = time.time()
 
@@ -33,3 +36,30 @@ def one_line_errors():
         print("interrupted: finished parts are saved; rerun the same command to resume",
               file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line; config_flags embeds a whole traceback in its messages."""
+    msg = str(e).replace("\\n", " ").replace("\\'", "'")
+    if "Traceback (most recent call last)" in msg:
+        last = re.findall(r"\b\w+(?:Error|Exception): .*", msg)
+        msg = msg.split("Traceback")[0] + (last[-1] if last else "")
+    msg = " ".join(msg.split())
+    if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+        msg = msg[1:-1]
+    return msg
+
+
+def parse_flags(argv):
+    """absl's flag parser (`app.run(main, flags_parser=parse_flags)`) with a one-line
+    `error: ...` and exit 1 instead of a usage dump or a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if len(rest) > 1:
+        print(f"error: unexpected arguments {rest[1:]} (flags are --name=value)",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    return rest

@@ -42,13 +42,13 @@ import functools
 import json
 import os
 import pathlib
-import re
-import sys
 import tempfile
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import common
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/eval_digits.py",
@@ -65,26 +65,7 @@ UNDEFENDED = "none"
 # ----------------------------------------------------------------------------- flags, setup
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).replace("\\n", " ").replace("\\'", "'")
-    if "Traceback (most recent call last)" in msg:  # config_flags embeds a traceback
-        last = re.findall(r"\b\w+(?:Error|Exception): .*", msg)
-        msg = msg.split("Traceback")[0] + (last[-1] if last else "")
-    return " ".join(msg.split())
-
-
-def parse_flags(argv):
-    """absl's flag parser with a one-line `error: ...` (exit 1) instead of a usage dump."""
-    try:
-        rest = flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    if len(rest) > 1:
-        print(f"error: unexpected arguments {rest[1:]} (flags are --name=value)",
-              file=sys.stderr, flush=True)
-        sys.exit(1)
-    return rest
+parse_flags = common.parse_flags  # distances.py and compression.py use it too
 
 
 def as_list(value) -> list[str]:
@@ -97,13 +78,12 @@ def as_list(value) -> list[str]:
 def setup(workdir: str | None, distributed: bool):
     """Initialises JAX (multi-host with `distributed`), checks the workdir; returns
     `(workdir Path, mesh)`: a 1-D Auto mesh over all devices of all processes."""
-    import jax
 
     from diffjax import parallel
 
     if not workdir:
         raise ValueError("--workdir: required; e.g. --workdir=workdir/eval")
-    _initialize(distributed)
+    parallel.initialize(distributed)  # passes JAX_NUM_PROCESSES / JAX_PROCESS_ID too
     path = pathlib.Path(workdir).expanduser().resolve()
     if parallel.is_writer():
         try:
@@ -115,26 +95,8 @@ def setup(workdir: str | None, distributed: bool):
             raise PermissionError(f"--workdir: cannot write to {path} ({e.strerror}); choose "
                                   "a writable directory") from e
     # Auto axes: the attacks' EOT vmaps reshape the sharded batch axis (see attacks._sharding).
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = parallel.data_mesh()
     return path, mesh
-
-
-def _initialize(distributed: bool) -> None:
-    """`parallel.initialize`, passing JAX_NUM_PROCESSES / JAX_PROCESS_ID when they are set.
-
-    `jax.distributed.initialize()` reads only JAX_COORDINATOR_ADDRESS from the environment
-    (the process count and index are auto-detected on TPU pods, SLURM, Open MPI, ...); on a
-    plain machine (e.g. two processes on localhost) they come from these variables.
-    """
-    from diffjax import parallel
-
-    env = os.environ
-    if (distributed and "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env
-            and not jax.distributed.is_initialized()):
-        jax.distributed.initialize(num_processes=int(env["JAX_NUM_PROCESSES"]),
-                                   process_id=int(env["JAX_PROCESS_ID"]))
-    parallel.initialize(distributed and not jax.distributed.is_initialized())
 
 
 def validate(config) -> None:

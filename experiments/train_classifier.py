@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import shlex
 import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (experiments/configs).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
@@ -106,26 +107,6 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
     return metrics
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).replace("\\n", " ").replace("\\'", "'")
-    if "Traceback (most recent call last)" in msg:  # config_flags embeds a traceback
-        head = msg.split("Traceback")[0]
-        last = re.findall(r"\b\w+(?:Error|Exception): .*", msg)
-        msg = head + (last[-1] if last else "")
-    msg = " ".join(msg.split())
-    if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
-        msg = msg[1:-1]
-    return msg
-
-
-def _parse_flags(argv):
-    """absl's parser, with a one-line error instead of a traceback for bad flags."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
-        sys.exit(f"error: {_one_line(e)}")
-
-
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
@@ -139,8 +120,8 @@ def main(argv):
                      "digits_ddpm.py")
         run(config, _WORKDIR.value, _EXPORT.value, _PROGRESS.value)
     except (ValueError, OSError, KeyError) as e:  # OSError: missing files, bad paths
-        sys.exit(f"error: {_one_line(e)}")
+        sys.exit(f"error: {common.one_line(e)}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=common.parse_flags)

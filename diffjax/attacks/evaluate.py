@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffjax import _checks
+from diffjax import _checks, parallel
 from diffjax.attacks import _sharding, protocols, streams
 
 __all__ = ["evaluate_dataset", "read_results", "summarize"]
@@ -153,8 +153,7 @@ def evaluate_dataset(defense, batches, *, config, protocol: str, key, out_path,
     eval_draws = _checks.check_int(eval_draws, "eval_draws", lo=1)
     protocols._attack_impl(config)
     if mesh is None:
-        n_dev = jax.local_device_count()
-        mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        mesh = parallel.data_mesh(jax.local_devices())
     if tuple(mesh.axis_names) != ("data",):
         _checks.fail("mesh", "a 1-D mesh with axis names ('data',)", mesh.axis_names)
     mesh = _sharding.auto_mesh(mesh)

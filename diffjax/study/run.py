@@ -188,14 +188,14 @@ class Study:
 
     def clean_accuracy(self) -> dict:
         def compute():
-            out = {"undefended": self._accuracy(self.plain, None)}
+            out = {"undefended": self._accuracy(self.plain)}
             for m in methods_of(self.config):
-                out[m] = self._accuracy(self.defense(m), ATTACK_SALT)
+                out[m] = self._accuracy(self.defense(m))
             return out
 
         return self.workdir.part("clean_accuracy", compute)
 
-    def _accuracy(self, defense: Defense, salt, t_star=None) -> float:
+    def _accuracy(self, defense: Defense) -> float:
         correct = []
         for sl in self.batches():
             x, y, keys, nb = self.sharded(self.x[sl], self.y[sl], self.keys_of(sl))
