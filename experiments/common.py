@@ -50,14 +50,28 @@ def one_line(e: BaseException) -> str:
     return msg
 
 
+def exit_with_flag_error(e: BaseException, argv) -> None:
+    """Prints `error: ...` for a bad flag and exits 1; names an unknown config field (which
+    ml_collections reports as a bare AttributeError/KeyError of the field's name)."""
+    msg = one_line(e)
+    if isinstance(e, (AttributeError, KeyError)):
+        field = msg.strip("'\" ")
+        named = [a.split("=")[0] for a in argv[1:]
+                 if field and a.startswith("--") and a.split("=")[0].endswith("." + field)]
+        if named:
+            msg = (f"{named[0]}: no such config field {field!r}; the config file's "
+                   "docstring and get_config() list the fields")
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def parse_flags(argv):
     """absl's flag parser (`app.run(main, flags_parser=parse_flags)`) with a one-line
     `error: ...` and exit 1 instead of a usage dump or a traceback."""
     try:
         rest = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        exit_with_flag_error(e, argv)
     if len(rest) > 1:
         print(f"error: unexpected arguments {rest[1:]} (flags are --name=value)",
               file=sys.stderr, flush=True)

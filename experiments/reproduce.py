@@ -14,8 +14,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/reproduce.py", "Study config file (:quick for the fast one).")
+from experiments import common
+
+try:  # with a default config file, overrides like --config.attack.steps apply right here
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", "experiments/configs/reproduce.py",
+        "Study config file (:quick for the fast one).")
+except (AttributeError, KeyError, ValueError, TypeError) as _e:
+    common.exit_with_flag_error(_e, sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results (resumable).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _JAX_CACHE = flags.DEFINE_string(
@@ -26,7 +32,6 @@ _JAX_CACHE = flags.DEFINE_string(
 
 def main(argv):
     del argv
-    from experiments import common
 
     logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines would bury the progress
 
@@ -58,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=common.parse_flags))

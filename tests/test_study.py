@@ -135,6 +135,7 @@ def run_cli(args, env=None, timeout=600):
     (["--config.attack.eps=-0.1"], "config.attack.eps: expected a number in [0, 1]"),
     (["--config.diffusion=/nonexistent/ckpt"], "'/nonexistent/ckpt': no such checkpoint"),
     (["--config.compression.t_stars=10,x"], "config.compression.t_stars"),
+    (["--config.attack.nosuch=1"], "--config.attack.nosuch: no such config field 'nosuch'"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, message):
     proc = run_cli([f"--workdir={tmp_path / 'w'}", *flags])
