@@ -4,6 +4,8 @@ Usage::
 
     python -m experiments.benchmarks --out=/tmp/bench --quick   # < 3 minutes, 2 cores
     python -m experiments.benchmarks --out=/tmp/bench           # the full CPU suite
+    python -m experiments.benchmarks --out=/tmp/gpu --settings=gpu --time_budget_s=420
+    python -m experiments.benchmarks --out=/tmp/smoke --settings=gpu_smoke  # CPU, seconds
 
 Writes ``OUT/benchmarks.json`` (``{case: {"diffjax_s", "peer_s", "ratio", ...}}``, see
 `experiments.bench.report`) and ``OUT/benchmarks.md``; prints one line per case. The cases
@@ -28,12 +30,19 @@ _PROFILE = flags.DEFINE_boolean(
     "the full suite, off for --quick.")
 _THREADS = flags.DEFINE_integer(
     "torch_threads", 2, "torch.set_num_threads for the peer (XLA uses the machine's cores).")
-_SIZE = flags.DEFINE_enum("settings", None, ["quick", "full", "tiny"],
-                          "Overrides --quick: the named settings.")
+_SIZE = flags.DEFINE_enum("settings", None, ["quick", "full", "tiny", "gpu", "gpu_smoke"],
+                          "Overrides --quick: the named settings. 'gpu': the CIFAR-10 35.7M "
+                          "DDPM and DDPM++ deep on the GPU (experiments.bench.gpu); "
+                          "'gpu_smoke': the same code path at tiny sizes (any device).")
+_BUDGET = flags.DEFINE_float(
+    "time_budget_s", None, "gpu settings: skip the remaining cases once this many seconds "
+    "have passed (results are written after every case).")
 
 
 def main(argv):
     del argv
+    if _SIZE.value in ("gpu", "gpu_smoke"):
+        return _main_gpu(_SIZE.value)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
@@ -69,6 +78,24 @@ def main(argv):
         meta["total_with_profile_s"] = time.perf_counter() - t0
     jpath, mpath = report.write(_OUT.value, results, meta)
     print(f"wrote {jpath} and {mpath} in {total:.1f} s; load average {meta['loadavg_after']}")
+
+
+def _main_gpu(name: str) -> None:
+    """The GPU suite (`experiments.bench.gpu`); imports nothing the GPU machine lacks."""
+    # JAX must not take 75% of the GPU up front: the PyTorch peer runs in this process too.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    from experiments.bench import gpu
+
+    if name == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--settings=gpu needs a GPU; JAX sees {jax.devices()} "
+                         "(use --settings=gpu_smoke for the tiny CPU run)")
+    jax.devices()  # initialise JAX's CUDA libraries before torch loads its own
+    settings = gpu.gpu_settings() if name == "gpu" else gpu.gpu_smoke_settings()
+    gpu.run_gpu(settings, _OUT.value, log=lambda s: print(s, flush=True),
+                time_budget_s=_BUDGET.value,
+                command="python -m experiments.benchmarks " + " ".join(sys.argv[1:]))
 
 
 def _profile(settings, results, info) -> dict:
