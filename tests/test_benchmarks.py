@@ -101,3 +101,106 @@ def test_projection_is_linear_in_images_and_inverse_in_the_fraction():
     assert days["25%"]["1"] == pytest.approx(2 * days["50%"]["1"])
     assert days["50%"]["1"] == pytest.approx(
         p["flops_per_image"] / (profile.GPU_PEAKS["H100 bf16 tensor"] * 0.5) / 86400)
+
+
+# ------------------------------------------------------------------ the GPU suite, on CPU
+
+
+def test_gpu_suite_smoke(tmp_path):
+    """The GPU suite's case functions at tiny sizes (smaller than ``--settings=gpu_smoke``,
+    to keep this under ~30 s): the peer agrees, bf16 really is bf16, the achieved FLOP/s
+    and the projection follow from the measured times, the outputs follow the schema."""
+    import dataclasses
+    import math
+
+    from experiments.bench import gpu
+
+    torch.set_num_threads(1)
+    s = dataclasses.replace(
+        gpu.gpu_smoke_settings(), t_star=4, steps=2, eot=2,
+        ddpm=models.UNetSize(resolution=4, ch=8, ch_mult=(1,), attn_levels=(), num_groups=4),
+        ddpmpp=(("nf", 8), ("ch_mult", [1]), ("num_res_blocks", 1), ("attn_resolutions", []),
+                ("image_size", 4), ("dropout", 0.0)))
+    b = gpu.GpuBench(s, tmp_path, log=lambda m: None)
+    b.run("probe", b.probe)
+    b.run("setup_ddpm", b.setup_ddpm)
+    b.run("check", b.check, "ddpm")
+    b.run("purify_fp32", b.purify_case, "ddpm", "fp32", s.purify_batch)
+    b.run("purify_bf16", b.purify_case, "ddpm", "bf16", s.purify_batch)
+    b.run("setup_ddpmpp", b.setup_ddpmpp)
+    b.run("pp_purify_bf16", b.purify_case, "ddpmpp", "bf16", s.pp_purify_batch)
+    b.run("pp_eot_bf16", b.eot_case, "ddpmpp", "bf16", s.pp_eot_batch)
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    cases = report.cases_of(data)
+    st, n, e = s.steps, s.purify_batch, s.eot
+    checks = {f"check_ddpm_purify_t{st}", f"check_ddpm_grad_t{st}"}
+    timed = {f"ddpm_purify_t{st}_b{n}_fp32", f"ddpm_purify_t{st}_b{n}_bf16",
+             f"ddpmpp_purify_t{st}_b{s.pp_purify_batch}_bf16",
+             f"ddpmpp_eot{e}_grad_b{s.pp_eot_batch}_bf16"}
+    assert set(cases) == checks | timed, {k: r.get("error") for k, r in cases.items()}
+    assert data["_meta"]["precision"]["jax_matmul_rel_err_highest"] < 1e-5
+    for name, r in cases.items():
+        for field in report.REQUIRED_FIELDS:
+            assert field in r, (name, field)
+        if name.startswith(("check", "ddpm_")):  # agreement before timing, float32 error
+            assert r["max_abs_diff"] < 1e-4, name
+    flops = data["_flops"]
+    for name in timed:
+        r = cases[name]
+        assert math.isfinite(r["diffjax_s"]) and r["diffjax_s"] > 0, name
+        fl = flops[r["model"]]
+        per_step = fl["forward_flops"] if "purify" in name else \
+            (fl["forward_flops"] + fl["grad_flops"]) * r["eot"]
+        assert r["flops_per_image"] == pytest.approx(per_step * st)
+        assert r["diffjax_tflops"] == pytest.approx(per_step * st / r["diffjax_s"] / 1e12)
+        if r["model"] == "ddpm":  # the peer ran the same case
+            assert r["peer_s"] > 0 and r["ratio"] == pytest.approx(r["peer_s"] / r["diffjax_s"])
+    for fl in flops.values():
+        # A remat gradient step costs about three forward passes.
+        assert 2.0 < (fl["forward_flops"] + fl["grad_flops"]) / fl["forward_flops"] < 4.5
+        # The bf16 wrapper puts every convolution and matmul on bf16 operands.
+        assert set(fl["op_dtypes"]["bf16"]["conv_general_dilated"]) == {"bfloat16"}
+        assert set(fl["op_dtypes"]["bf16"]["dot_general"]) == {"bfloat16"}
+        assert set(fl["op_dtypes"]["fp32"]["conv_general_dilated"]) == {"float32"}
+    # bf16 changes the purified images, a little, on both sides.
+    r16 = cases[f"ddpm_purify_t{st}_b{n}_bf16"]
+    assert 0 < r16["bf16_vs_fp32_max_abs_diff"] < 0.5
+    assert 0 < r16["peer_bf16_vs_fp32_max_abs_diff"] < 0.5
+    # The projection: PGD iterations x the measured EOT gradient + EOT purifications.
+    pr = data["_projection"]["by_model"]["ddpmpp_bf16_diffjax"]
+    assert pr["eot_source"] == f"measured ddpmpp_eot{e}_grad"
+    assert pr["s_per_image"] == pytest.approx(
+        s.iterations * cases[f"ddpmpp_eot{e}_grad_b{s.pp_eot_batch}_bf16"]["diffjax_s"]
+        + e * cases[f"ddpmpp_purify_t{st}_b{s.pp_purify_batch}_bf16"]["diffjax_s"])
+    assert pr["days"]["1000"] == pytest.approx(1000 * pr["s_per_image"] / 86400)
+    table = (tmp_path / "benchmarks.md").read_text()
+    for name in cases:
+        assert f"`{name}`" in table
+
+
+def test_gpu_projection_and_time_budget(tmp_path):
+    """The projection prefers a measured EOT gradient and the largest purification batch;
+    a spent time budget skips cases (recorded) without running them."""
+    from experiments.bench import gpu
+
+    s = gpu.gpu_smoke_settings()
+    results = {"ddpmpp_purify_t3_b2_bf16": {"batch": 2, "diffjax_s": 4.0},
+               "ddpmpp_purify_t3_b8_bf16": {"batch": 8, "diffjax_s": 1.0},
+               "ddpmpp_grad_t3_b2_bf16": {"batch": 2, "diffjax_s": 3.0},
+               "ddpmpp_eot2_grad_b1_bf16": {"batch": 1, "diffjax_s": 5.0},
+               "ddpmpp_purify_t3_b2_fp32": {"batch": 2, "diffjax_s": 2.0},
+               "ddpmpp_grad_t3_b2_fp32": {"what": "failed", "error": "x"}}
+    p = gpu.projection(results, s)["by_model"]
+    r = p["ddpmpp_bf16_diffjax"]
+    assert r["eot_source"] == "measured ddpmpp_eot2_grad"
+    assert r["s_per_image"] == pytest.approx(s.iterations * 5.0 + s.eot * 1.0)
+    assert r["days"]["10000"] == pytest.approx(10 * r["days"]["1000"])
+    assert r["vs_paper_10_days"]["512"] == pytest.approx(r["days"]["512"] / 10.0)
+    assert "ddpmpp_fp32_diffjax" not in p  # its gradient failed: nothing to project from
+
+    b = gpu.GpuBench(s, tmp_path, log=lambda m: None, time_budget_s=0.0)
+    called = []
+    b.run("late_case", lambda: called.append(1))
+    assert not called and b.meta["skipped"] == ["late_case"]
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert data["_meta"]["skipped"] == ["late_case"]

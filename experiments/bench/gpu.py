@@ -607,8 +607,8 @@ class GpuBench:
         taus = diffusion.respaced_timesteps(self.s.t_star, steps)
         nz = peer.chain_noises(keys, (m.resolution, m.resolution, m.channels), taus)
         nz = torch.from_numpy(nz).permute(0, 1, 4, 2, 3).contiguous().to(dev)
-        return (peer.to_nchw(x).to(dev), nz, torch.from_numpy(np.asarray(w)).to(dev),
-                torch.from_numpy(np.asarray(labels)).long().to(dev))
+        return (peer.to_nchw(x).to(dev), nz, torch.from_numpy(np.array(w)).to(dev),
+                torch.from_numpy(np.array(labels)).long().to(dev))
 
     def _achieved(self, m: Model, s_per_image: float, per_step_flops: float, mult: int = 1):
         flops = per_step_flops * self.s.steps * mult
