@@ -88,7 +88,7 @@ def _main_gpu(name: str) -> None:
 
     from experiments.bench import gpu
 
-    if name == "gpu" and jax.default_backend() != "gpu":
+    if name == "gpu" and jax.devices()[0].platform not in ("gpu", "cuda", "rocm"):
         raise SystemExit(f"--settings=gpu needs a GPU; JAX sees {jax.devices()} "
                          "(use --settings=gpu_smoke for the tiny CPU run)")
     jax.devices()  # initialise JAX's CUDA libraries before torch loads its own

@@ -91,7 +91,8 @@ class GpuSettings:
       mem_steps: extra step counts of the gradient-memory case.
       peer_mem_batch, peer_mem_steps: the peer's memory growth without checkpointing.
       extra_purify_batches: more batch sizes of the 35.7M purification (last priority).
-      probe_n: matrix size of the precision / matmul-throughput probes.
+      probe_n: matrix size of the matmul-throughput probe (the precision probe uses at
+        most 1024: its float64 reference runs on the host).
       iterations, images: the projected evaluation (PGD iterations, test-set sizes).
     """
 
@@ -115,7 +116,7 @@ class GpuSettings:
     peer_mem_batch: int = 8
     peer_mem_steps: tuple[int, ...] = (10, 50, 100)
     extra_purify_batches: tuple[int, ...] = (64, 1024)
-    probe_n: int = 8192
+    probe_n: int = 16384
     iterations: int = 200
     images: tuple[int, ...] = (512, 1000, 10000)
 
@@ -366,16 +367,37 @@ class _OnDevice:
         return self.model.parameters()
 
 
-@contextlib.contextmanager
-def _torch_exact_fp32():
+def _tf32_knobs() -> list:
+    """Torch's TF32 switches as (name, object, attribute, exact-fp32 value): the
+    ``fp32_precision`` API where present (torch >= 2.9 refuses a mix of it and the legacy
+    ``allow_tf32``), else ``allow_tf32``."""
     import torch
 
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    b = torch.backends
+    conv = getattr(b.cudnn, "conv", None)
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        return [("cuda.matmul.fp32_precision", b.cuda.matmul, "fp32_precision", "ieee"),
+                ("cudnn.conv.fp32_precision", conv, "fp32_precision", "ieee")]
+    return [("cuda.matmul.allow_tf32", b.cuda.matmul, "allow_tf32", False),
+            ("cudnn.allow_tf32", b.cudnn, "allow_tf32", False)]
+
+
+def torch_tf32_flags() -> dict:
+    """The current TF32 settings of torch (matmul, cuDNN conv), for the record."""
+    return {name: getattr(o, a) for name, o, a, _ in _tf32_knobs()}
+
+
+@contextlib.contextmanager
+def _torch_exact_fp32():
+    knobs = _tf32_knobs()
+    old = [getattr(o, a) for _, o, a, _ in knobs]
+    for _, o, a, v in knobs:
+        setattr(o, a, v)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        for (_, o, a, _), v in zip(knobs, old, strict=True):
+            setattr(o, a, v)
 
 
 def _torch_sync(_=None):
@@ -394,7 +416,7 @@ def projection(results: dict, s: GpuSettings) -> dict:
     Per image: ``iterations`` EOT-``eot`` gradients through ``steps`` steps (the measured
     ``*_eot20_grad`` time, else ``eot`` x the measured ``*_grad_t100`` time) plus ``eot``
     evaluation purifications (the measured purification time per image at the largest batch).
-    The classifier's cost (a WRN-28-10 gradient is ~0.2% of one purifier gradient) is left
+    The classifier's cost (a WRN-28-10 gradient is under 1% of one purifier gradient) is left
     out. One GPU; `images` test-set sizes.
     """
     cases = report.cases_of(results)
@@ -662,8 +684,7 @@ class GpuBench:
         try:
             import torch
 
-            out["torch_allow_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-            out["torch_allow_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+            out["torch_tf32_flags"] = torch_tf32_flags()
             out["torch_cudnn_benchmark"] = torch.backends.cudnn.benchmark
             if torch.cuda.is_available():
                 at, bt = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
@@ -813,6 +834,7 @@ class GpuBench:
     def memory_case(self, key: str = "ddpm") -> None:
         """Gradient memory against the step count: diffjax (XLA buffers) and the peer."""
         s, m = self.s, self.models[key]
+        _torch_empty_cache()  # the peer's earlier cases' cached blocks
         x, keys, w, labels = self.inputs(m, s.grad_batch)
         args = (x, m.eps["fp32"], self.schedule, keys, w, labels)
         by_steps = {}
@@ -1001,8 +1023,10 @@ def markdown(data: dict) -> str:
              f"default {_f(p.get('jax_matmul_rel_err_default'))} vs 'highest' "
              f"{_f(p.get('jax_matmul_rel_err_highest'))} (TF32-like: "
              f"{p.get('jax_default_f32_matmul_is_tf32_like')}); conv default vs highest "
-             f"{_f(p.get('jax_conv_rel_err_default_vs_highest'))}; torch allow_tf32 matmul "
-             f"{p.get('torch_allow_tf32_matmul')}, cuDNN {p.get('torch_allow_tf32_cudnn')}. "
+             f"{_f(p.get('jax_conv_rel_err_default_vs_highest'))}; torch TF32 flags "
+             f"{p.get('torch_tf32_flags')}, torch matmul relative error "
+             f"{_f(p.get('torch_matmul_rel_err_default'))}, conv vs JAX highest "
+             f"{_f(p.get('torch_conv_rel_err_default_vs_jax_highest'))}. "
              f"Matmul probe: bf16 {_f(p.get('jax_bf16_matmul_tflops'))} TFLOP/s, f32 default "
              f"{_f(p.get('jax_f32_default_matmul_tflops'))} TFLOP/s.", "",
              "## All cases (seconds per image)", "", report.markdown_table(data), "",
