@@ -349,7 +349,7 @@ def _time(fn, sync, repeats: int, warmup: int) -> float:
 
 
 class _OnDevice:
-    """The diffusers U-Net as `peer.PeerPurifier` calls it: timesteps moved to the images'
+    """The diffusers U-Net as `peer.PeerPurifier` calls it: the timesteps made on the images'
     device, optionally under ``torch.autocast(bfloat16)``, eps returned in float32."""
 
     def __init__(self, model, bf16: bool):
@@ -358,9 +358,14 @@ class _OnDevice:
     def __call__(self, x, t):
         import torch
 
+        if t.device != x.device:
+            # `PeerPurifier.step` passes a CPU ``torch.full`` of one timestep. A fill kernel on
+            # the device, not ``t.to(device)``: a blocking host-to-device copy would make
+            # the host wait for the GPU at every step, which PyTorch users do not pay.
+            t = torch.full(t.shape, int(t.reshape(-1)[0]), dtype=t.dtype, device=x.device)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                             enabled=self.bf16):
-            eps = self.model(x, t.to(x.device)).sample
+            eps = self.model(x, t).sample
         return types.SimpleNamespace(sample=eps.float())
 
     def parameters(self):
