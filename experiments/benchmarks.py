@@ -92,6 +92,11 @@ def _main_gpu(name: str) -> None:
         raise SystemExit(f"--settings=gpu needs a GPU; JAX sees {jax.devices()} "
                          "(use --settings=gpu_smoke for the tiny CPU run)")
     jax.devices()  # initialise JAX's CUDA libraries before torch loads its own
+    if name == "gpu_smoke":
+        import torch
+
+        if not torch.cuda.is_available():  # a CPU peer on a loaded machine: one thread
+            torch.set_num_threads(1)
     settings = gpu.gpu_settings() if name == "gpu" else gpu.gpu_smoke_settings()
     gpu.run_gpu(settings, _OUT.value, log=lambda s: print(s, flush=True),
                 time_budget_s=_BUDGET.value,
