@@ -127,21 +127,19 @@ def undefended(logits_fn: Callable) -> Defense:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PurifyCall:
-    """The static part of a diffusion purifier (hashable, so jit caches by value)."""
+class _ChainPurify:
+    """The static part of a diffusion purifier (hashable, so jit caches by value): `remat`.
 
-    t_star: int
-    method: str
-    num_steps: int | None
+    The method, `t_star` and the schedule are in the `Chain`'s arrays (pytree leaves), so
+    purifiers that differ only in them share one compiled attack.
+    """
+
     remat: bool
-    clip_denoised: bool
 
-    def __call__(self, eps_fn, schedule, x, keys):
-        from diffjax import diffusion  # imported lazily: `import diffjax.defense` stays cheap
+    def __call__(self, eps_fn, chain, x, keys):
+        from diffjax.diffusion import samplers  # lazily: `import diffjax.defense` stays cheap
 
-        return diffusion.purify(
-            eps_fn, x, keys, schedule=schedule, t_star=self.t_star, method=self.method,
-            num_steps=self.num_steps, remat=self.remat, clip_denoised=self.clip_denoised)
+        return samplers._run_chain(eps_fn, x, keys, chain, remat=self.remat)
 
 
 def make_purifier(
@@ -153,12 +151,16 @@ def make_purifier(
     num_steps: int | None = None,
     remat: bool = True,
     clip_denoised: bool = True,
+    length: int | None = None,
 ) -> Partial:
     """A diffusion purifier `purify_fn(x, keys) -> x'` for `Defense` (DiffPure, Section 3).
 
-    Wraps `diffjax.diffusion.purify` so that the eps-model's weights (when `eps_fn` is a
-    `Partial` holding them) and the schedule's arrays are pytree leaves (traced under jit),
-    while `t_star`, `method` and `num_steps` are static.
+    Wraps `diffjax.diffusion.run_chain` so that the eps-model's weights (when `eps_fn` is a
+    `Partial` holding them) and the chain's coefficients (`diffjax.diffusion.make_chain`:
+    the schedule, `t_star` and the method as arrays) are pytree leaves, traced under jit:
+    purifiers with the same number of steps share one compiled program whatever their
+    method and `t_star` (only `num_steps`, through the arrays' length, and `remat` are
+    static).
 
     Args:
       eps_fn: `(x_t [B,H,W,C] in [-1, 1], t int32 [B]) -> eps`; a `Partial` holding weights,
@@ -169,14 +171,19 @@ def make_purifier(
       num_steps: reverse steps over [0, t_star) (respaced); None means `t_star` steps.
       remat: checkpoint each reverse step (memory flat in the step count under `grad`).
       clip_denoised: clip the predicted x0 to [-1, 1] at every step.
+      length: pad the chain with identity steps to this many steps (see
+        `diffjax.diffusion.make_chain`), so that purifiers with fewer steps share the
+        compiled program of the longest.
 
     Returns:
       A `Partial` `purify_fn(x [B,H,W,C] in [0, 1], keys [B]) -> [B,H,W,C] in [0, 1]`.
     """
+    from diffjax.diffusion import samplers
+
     t_star = _checks.check_int(t_star, "t_star", lo=1)
     if num_steps is not None:
         num_steps = _checks.check_int(num_steps, "num_steps", lo=1, hi=t_star)
-    _checks.check_choice(method, "method",
-                         ("ddpm", "reverse_only", "ddim", "reverse_only_ddim", "sde"))
-    call = _PurifyCall(t_star, method, num_steps, bool(remat), bool(clip_denoised))
-    return Partial(call, _as_partial(eps_fn, "eps_fn"), schedule)
+    _checks.check_choice(method, "method", samplers.METHODS)
+    chain = samplers.make_chain(schedule, t_star=t_star, method=method, num_steps=num_steps,
+                                clip_denoised=clip_denoised, length=length)
+    return Partial(_ChainPurify(bool(remat)), _as_partial(eps_fn, "eps_fn"), chain)

@@ -263,12 +263,57 @@ def test_compiles_once_per_configuration():
         return 0.1 * x
 
     kw = dict(schedule=SCHED, t_star=40, method="ddpm", num_steps=4)
-    before = samplers._purify._cache_size()
+    before = samplers._run_chain._cache_size()
     for seed in range(3):
         diffusion.purify(eps_fn, images(seed), keys_for([seed, 1, 2]), **kw)
-    assert samplers._purify._cache_size() == before + 1
+    assert samplers._run_chain._cache_size() == before + 1
     diffusion.purify(eps_fn, images(0), keys_for([0, 1, 2]), **{**kw, "num_steps": 5})
-    assert samplers._purify._cache_size() == before + 2
+    assert samplers._run_chain._cache_size() == before + 2
+
+
+def test_methods_and_t_stars_share_one_program():
+    # The method and t* are data (the chain's coefficients): a sweep compiles once.
+    def eps_fn(x, t):
+        return 0.1 * x
+
+    before = samplers._run_chain._cache_size()
+    outs = [diffusion.purify(eps_fn, images(), keys_for([0, 1, 2]), schedule=SCHED,
+                             t_star=t, method=m, num_steps=4)
+            for m in diffusion.METHODS for t in (10, 60)]
+    assert samplers._run_chain._cache_size() == before + 1
+    flat = [np.asarray(o).ravel() for o in outs]
+    assert min(np.abs(a - b).max() for i, a in enumerate(flat) for b in flat[i + 1:]) > 1e-4
+
+
+def test_identity_padded_chain_equals_the_short_chain():
+    # Padding with identity steps changes nothing but the compiled program's length.
+    x = images()
+    keys = keys_for([0, 1, 2])
+    for method in diffusion.METHODS:
+        short = diffusion.make_chain(SCHED, t_star=5, method=method, num_steps=3)
+        long = diffusion.make_chain(SCHED, t_star=5, method=method, num_steps=3, length=7)
+        assert long.num_steps == 7
+        a = diffusion.run_chain(smooth_eps_fn, x, keys, short)
+        b = diffusion.run_chain(smooth_eps_fn, x, keys, long)
+        np.testing.assert_allclose(b, a, atol=1e-6, err_msg=method)
+        traced = jax.jit(lambda s, m=method: diffusion.make_chain(
+            s, t_star=5, method=m, num_steps=3, length=7))(SCHED)
+        # float32 coefficients (traced) vs float64-made ones: 1 - abar ~ 5e-4 at t* = 5.
+        np.testing.assert_allclose(diffusion.run_chain(smooth_eps_fn, x, keys, traced), b,
+                                   atol=1e-4)
+    with pytest.raises(ValueError, match="length"):
+        diffusion.make_chain(SCHED, t_star=5, num_steps=3, length=2)
+
+
+def test_make_chain_traced_schedule_matches_concrete():
+    # Inside jit the schedule is traced: the float32 jnp path gives the float64 one's chain.
+    for method in diffusion.METHODS:
+        want = diffusion.make_chain(SCHED, t_star=100, method=method, num_steps=10)
+        got = jax.jit(lambda s, m=method: diffusion.make_chain(
+            s, t_star=100, method=m, num_steps=10))(SCHED)
+        for name, a, b in zip(want._fields, want, got, strict=True):
+            np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                                       rtol=2e-5, atol=1e-6, err_msg=f"{method}.{name}")
 
 
 def test_usable_under_jit_vmap_and_grad():
@@ -290,10 +335,10 @@ def test_pretrained_style_partial_eps_fn_traces_weights():
     x = images()
     keys = keys_for([0, 1, 2])
     kw = dict(schedule=SCHED, t_star=20, num_steps=4, method="reverse_only_ddim")
-    before = samplers._purify._cache_size()
+    before = samplers._run_chain._cache_size()
     outs = [diffusion.purify(jax.tree_util.Partial(apply, jnp.float32(w)), x, keys, **kw)
             for w in (0.1, 0.5)]
-    assert samplers._purify._cache_size() == before + 1  # new weights, no recompile
+    assert samplers._run_chain._cache_size() == before + 1  # new weights, no recompile
     assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-4
 
 

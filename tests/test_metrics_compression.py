@@ -255,6 +255,35 @@ def test_purifier_closing_over_a_fixed_key():
     assert not np.allclose(purifier(x0[0]), other(x0[0]))
 
 
+def test_per_example_args_equal_one_call_per_example():
+    # f(x, key) with args=(keys,): each example under its own key, in one batched call,
+    # equals closing over each key in turn.
+    diffusion = pytest.importorskip("diffjax.diffusion")
+    schedule = diffusion.linear_schedule()
+
+    def eps_fn(x_t, t):
+        return 0.3 * jnp.tanh(x_t) + 0.01 * t[:, None, None, None]
+
+    x0 = jnp.asarray(np.random.default_rng(1).uniform(0.2, 0.8, size=(3, 3, 3, 1)),
+                     jnp.float32)
+    keys = jax.random.split(jax.random.key(5), 3)
+    kw = dict(schedule=schedule, t_star=20, method="ddpm", num_steps=3)
+    f = lambda x, k: diffusion.purify(eps_fn, x[None], k[None], **kw)[0]
+    sv = np.asarray(metrics.jacobian_singular_values(f, x0, args=(keys,)))
+    rate = np.asarray(metrics.compression_rate(f, x0, args=(keys,)))
+    for i in range(3):
+        fi = lambda x, k=keys[i]: f(x, k)
+        np.testing.assert_allclose(sv[i], metrics.jacobian_singular_values(fi, x0[i:i + 1])[0],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(rate[i], metrics.compression_rate(fi, x0[i:i + 1])[0],
+                                   rtol=1e-4)
+    assert np.abs(sv[0] - sv[1]).max() > 1e-4  # the keys matter
+    with pytest.raises(ValueError, match="args: expected arrays with one row per example"):
+        metrics.jacobian_singular_values(f, x0, args=(keys[:2],))
+    with pytest.raises(ValueError, match="args: expected a tuple"):
+        metrics.compression_rate(f, x0, args=keys)
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -1,6 +1,7 @@
 """The main job: the quick study end to end, resume after an interruption, bad flags, devices."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,7 +39,10 @@ def tiny_config():
 
 
 def numbers(res: dict) -> dict:
-    return {k: res[k] for k in NUMBER_KEYS}
+    """The result numbers, flattened, with NaN (e.g. an undetermined fit interval) as None
+    so that equal results compare equal."""
+    flat = flat_numbers({k: res[k] for k in NUMBER_KEYS})
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in flat.items()}
 
 
 def flat_numbers(tree, prefix="") -> dict:

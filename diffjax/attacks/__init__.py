@@ -14,7 +14,13 @@ The key flow of every protocol is in `diffjax.attacks.streams` and
 
 from diffjax.attacks.apgd import APGDConfig, apgd_attack, checkpoint_schedule
 from diffjax.attacks.evaluate import evaluate_dataset, read_results, summarize
-from diffjax.attacks.gradients import Gradient, attack_loss, loss_and_grad, straight_through
+from diffjax.attacks.gradients import (
+    Gradient,
+    attack_loss,
+    loss_and_grad,
+    per_draw_loss_and_grad,
+    straight_through,
+)
 from diffjax.attacks.pgd import PGDConfig, PGDResult, pgd_attack, project
 from diffjax.attacks.protocols import (
     attack_and_evaluate,
@@ -36,6 +42,7 @@ __all__ = [
     "evaluate_dataset",
     "gradient_correlation",
     "loss_and_grad",
+    "per_draw_loss_and_grad",
     "pgd_attack",
     "project",
     "read_results",

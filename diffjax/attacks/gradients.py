@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from diffjax import _checks
 
-__all__ = ["Gradient", "LOSSES", "attack_loss", "straight_through", "loss_and_grad"]
+__all__ = ["Gradient", "LOSSES", "attack_loss", "straight_through", "loss_and_grad",
+           "per_draw_loss_and_grad"]
 
 LOSSES = ("ce", "margin", "dlr")
 KINDS = ("full", "bpda")
@@ -131,17 +132,39 @@ def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient):
       `(losses [B], grads [B,H,W,C], logits [B, C])`: the loss and gradient averaged over
       the K draws, and the logits of draw 0.
     """
+    if draw_keys.shape[0] == 1:
+        grad_fn = jax.grad(_single_loss, argnums=1, has_aux=True)
+        g, (losses, logits) = grad_fn(defense, x, y, draw_keys[0], loss, gradient.kind)
+        return losses, g, logits
+    losses, g, logits = per_draw_loss_and_grad(defense, x, y, draw_keys, loss=loss,
+                                               kind=gradient.kind,
+                                               eot_batch_size=gradient.eot_batch_size)
+    return jnp.mean(losses, axis=0), jnp.mean(g, axis=0), logits[0]
+
+
+def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss: str, kind: str,
+                           eot_batch_size: int | None = None):
+    """The loss and input gradient under each of K randomness draws, not averaged.
+
+    Args:
+      defense: a `diffjax.defense.Defense`.
+      x: `[B,H,W,C]` images in [0, 1].
+      y: `[B]` int32 labels.
+      draw_keys: `[K, B]` purifier keys, one row per draw.
+      loss: "ce", "margin" or "dlr".
+      kind: "full" or "bpda".
+      eot_batch_size: draws computed at once (`lax.map` batch size); None: all K in one
+        `vmap`.
+
+    Returns:
+      `(losses [K, B], grads [K, B, H, W, C], logits [K, B, C])`.
+    """
     grad_fn = jax.grad(_single_loss, argnums=1, has_aux=True)
 
     def one(keys):
-        g, (losses, logits) = grad_fn(defense, x, y, keys, loss, gradient.kind)
+        g, (losses, logits) = grad_fn(defense, x, y, keys, loss, kind)
         return losses, g, logits
 
-    if draw_keys.shape[0] == 1:
-        losses, g, logits = one(draw_keys[0])
-        return losses, g, logits
-    if gradient.eot_batch_size is None:
-        losses, g, logits = jax.vmap(one)(draw_keys)
-    else:
-        losses, g, logits = jax.lax.map(one, draw_keys, batch_size=gradient.eot_batch_size)
-    return jnp.mean(losses, axis=0), jnp.mean(g, axis=0), logits[0]
+    if eot_batch_size is None:
+        return jax.vmap(one)(draw_keys)
+    return jax.lax.map(one, draw_keys, batch_size=eot_batch_size)

@@ -177,13 +177,14 @@ def attack_and_evaluate(defense, x, y, example_ids_or_keys, *, config, protocol:
 
 def _correlation(defense, x, y, example_keys, salt, *, eot, loss, kind, eot_batch_size):
     fixed = streams.fixed_keys(example_keys)[None]
-    _, g_fixed, _ = gradients.loss_and_grad(defense, x, y, fixed, loss=loss,
-                                            gradient=gradients.Gradient(kind, 1))
     fresh = streams.correlation_keys(example_keys, salt, eot)
-    _, g_eot, _ = gradients.loss_and_grad(
-        defense, x, y, fresh, loss=loss, gradient=gradients.Gradient(kind, eot, eot_batch_size))
-    a = g_eot.reshape(x.shape[0], -1)
-    b = g_fixed.reshape(x.shape[0], -1)
+    # One batch of K + 1 gradients (the fixed draw first): one gradient program to
+    # compile, not two.
+    _, g, _ = gradients.per_draw_loss_and_grad(
+        defense, x, y, jnp.concatenate([fixed, fresh], axis=0), loss=loss, kind=kind,
+        eot_batch_size=eot_batch_size)
+    a = jnp.mean(g[1:], axis=0).reshape(x.shape[0], -1)
+    b = g[0].reshape(x.shape[0], -1)
     num = jnp.sum(a * b, axis=-1)
     den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
     return num / jnp.maximum(den, 1e-30)

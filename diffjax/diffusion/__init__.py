@@ -1,6 +1,13 @@
 """Schedules, the forward process and diffusion purifiers (API.md: `diffjax.diffusion`)."""
 
-from diffjax.diffusion.samplers import METHODS, purify, respaced_timesteps
+from diffjax.diffusion.samplers import (
+    METHODS,
+    Chain,
+    make_chain,
+    purify,
+    respaced_timesteps,
+    run_chain,
+)
 from diffjax.diffusion.schedules import (
     VPSDE,
     Schedule,
@@ -13,13 +20,16 @@ from diffjax.diffusion.schedules import (
 
 __all__ = [
     "METHODS",
+    "Chain",
     "Schedule",
     "VPSDE",
     "cosine_schedule",
     "from_model_space",
     "linear_schedule",
+    "make_chain",
     "purify",
     "q_sample",
     "respaced_timesteps",
+    "run_chain",
     "to_model_space",
 ]

@@ -26,15 +26,16 @@ uses the respaced schedule `abar'_k = abar[tau_k]`, `beta'_k = 1 - abar'_k / aba
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffjax import _checks
-from diffjax.diffusion.schedules import VPSDE, Schedule, from_model_space, to_model_space
+from diffjax.diffusion.schedules import Schedule, from_model_space, to_model_space
 
-__all__ = ["METHODS", "purify", "respaced_timesteps"]
+__all__ = ["METHODS", "Chain", "make_chain", "purify", "respaced_timesteps", "run_chain"]
 
 METHODS = ("ddpm", "reverse_only", "ddim", "reverse_only_ddim", "sde")
 
@@ -66,89 +67,205 @@ def _call_eps(eps_fn, x, t):
     return eps.astype(x.dtype)
 
 
-def _discrete_chain(eps_fn, x_t, keys, schedule, t_star, num_steps, ddim, remat, clip):
-    """The reverse chain from x_{tau_{S-1}} to x_0 (ancestral or DDIM eta=0)."""
-    taus = respaced_timesteps(t_star, num_steps)
-    abar = schedule.alphas_cumprod[taus]
-    abar_prev = jnp.concatenate([jnp.ones((1,), abar.dtype), abar[:-1]])
-    batch = x_t.shape[0]
+class Chain(NamedTuple):
+    """A purification chain as data: every method is one step rule with other coefficients.
 
-    def step(x, per_step):
-        tau, a_t, a_prev = per_step
-        t = jnp.full((batch,), tau, jnp.int32)
-        eps = _call_eps(eps_fn, x, t)
-        x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
-        if clip:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-        if ddim:
-            # DDIM, eta = 0 (Song et al. 2021a, eq. 12), with eps consistent with clipped x0.
-            eps_hat = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
-            return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps_hat, None
-        # Ancestral step: the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, eqs. 6-7).
-        alpha = a_t / a_prev
-        beta = 1.0 - alpha
-        mean = (jnp.sqrt(a_prev) * beta / (1.0 - a_t)) * x0 + (
-            jnp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t)) * x
-        var = beta * (1.0 - a_prev) / (1.0 - a_t)  # 0 on the last step: the mean is returned
-        noise = _per_example_normal(keys, tau + 1, x.shape[1:], x.dtype)
-        return mean + jnp.sqrt(var) * noise, None
+    With `z_0 = normal(fold_in(key, 0))` and, at chain step `k` (in the order the chain
+    runs, from `t_star` down to 0), `eps_k = eps_fn(x, t[k])` and
+    `z_k = normal(fold_in(key, noise_index[k]))`:
 
-    if remat:
-        step = jax.checkpoint(step)
-    per_step = (jnp.asarray(taus[::-1]), abar[::-1], abar_prev[::-1])
-    x0, _ = jax.lax.scan(step, x_t, per_step)
-    return x0
+        x        <- x_scale * x_in + noise_scale * z_0             (the forward process)
+        x0_k      = (x - eps_x0[k] * eps_k) * x0_scale[k]          (clipped where clip[k])
+        x        <- c_x0[k] x0_k + c_x[k] x + c_eps[k] eps_k + c_noise[k] z_k
+
+    DDPM's ancestral step (Ho et al. 2020, eqs. 6-7) uses `c_x0`, `c_x` and `c_noise`; DDIM
+    with eta = 0 (Song et al. 2021a, eq. 12, with eps consistent with the clipped x0) uses
+    `c_x0` and `c_x`; the VP-SDE's reverse Euler-Maruyama step (DiffPure) uses `c_x`,
+    `c_eps` and `c_noise`; the reverse-only variants have `x_scale = 1, noise_scale = 0`.
+    Because the method, `t_star` and the schedule live in these arrays (traced under
+    `jit`), every method and every `t_star` with the same number of steps runs ONE compiled
+    program: a sweep over methods and t* compiles the purifier (and an attack through it)
+    once. All arrays are float32 except `t`, `noise_index` (int32) and `clip` (bool); the
+    per-step ones have shape `[num_steps]`.
+    """
+
+    x_scale: jax.Array
+    noise_scale: jax.Array
+    t: jax.Array
+    noise_index: jax.Array
+    eps_x0: jax.Array
+    x0_scale: jax.Array
+    clip: jax.Array
+    c_x0: jax.Array
+    c_x: jax.Array
+    c_eps: jax.Array
+    c_noise: jax.Array
+
+    @property
+    def num_steps(self) -> int:
+        """The number of reverse steps (static: the arrays' length)."""
+        return int(self.t.shape[0])
 
 
-def _sde_chain(eps_fn, x, keys, schedule, t_star, num_steps, remat):
-    """DiffPure: VP-SDE forward to t*/T, reverse Euler-Maruyama back to 0."""
-    sde = VPSDE.from_schedule(schedule)
+def _is_concrete(tree) -> bool:
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(tree))
+
+
+def make_chain(schedule: Schedule, *, t_star: int, method: str = "ddpm",
+               num_steps: int | None = None, clip_denoised: bool = True,
+               length: int | None = None) -> Chain:
+    """The coefficients of a purification chain (`Chain`), checked.
+
+    Computed in float64 with NumPy when the schedule is concrete (the usual case) and
+    stored as float32; with jnp in float32 when it is traced (called inside `jit`).
+
+    Args:
+      schedule: the model's discrete noise schedule.
+      t_star: the purification timestep, in `[1, T]`.
+      method: one of `METHODS` (see `purify`).
+      num_steps: reverse steps over `[0, t_star)`; None means `t_star`.
+      clip_denoised: clip the predicted x0 to [-1, 1] at each discrete step.
+      length: the chain's length, >= `num_steps` (None: `num_steps`). Identity steps
+        (`c_x = 1`, every other coefficient 0: the state passes unchanged; the eps-model
+        is still called and ignored) are prepended up to it, so that a sweep whose points
+        have different step counts (e.g. t* = 5 with 5 steps, t* = 100 with 10) runs one
+        compiled program, at the cost of the wasted calls.
+
+    Returns:
+      A `Chain` with `[length]` arrays, in the order the chain runs.
+    """
+    _checks.check_choice(method, "method", METHODS)
+    if not isinstance(schedule, Schedule):
+        _checks.fail("schedule", "a diffjax.diffusion.Schedule (e.g. linear_schedule())",
+                     type(schedule).__name__)
     T = schedule.num_timesteps
-    t0 = t_star / T
-    dt = t0 / num_steps
-    mean, std = sde.marginal(t0)
-    x_t = mean * x + std * _per_example_normal(keys, 0, x.shape[1:], x.dtype)
-    batch = x.shape[0]
-    ks = np.arange(num_steps, dtype=np.int32)
-    times = (t0 - ks * dt).astype(np.float32)
-    last = ks == num_steps - 1
-
-    def step(x, per_step):
-        k, t, is_last = per_step
+    t_star = _checks.check_int(t_star, "t_star", 1, T)
+    if num_steps is None:
+        num_steps = t_star
+    num_steps = _checks.check_int(num_steps, "num_steps", 1, t_star)
+    concrete = _is_concrete(schedule)
+    xp = np if concrete else jnp
+    ftype = np.float64 if concrete else jnp.float32
+    betas = xp.asarray(schedule.betas, ftype)
+    abar_all = xp.asarray(schedule.alphas_cumprod, ftype)
+    zeros = np.zeros(num_steps)
+    if method == "sde":
+        # DiffPure: VP-SDE forward to t0 = t*/T, reverse Euler-Maruyama back to 0.
+        bmin, bmax = betas[0] * T, betas[-1] * T
+        beta = lambda t: bmin + t * (bmax - bmin)
+        mean = lambda t: xp.exp(-0.25 * t**2 * (bmax - bmin) - 0.5 * t * bmin)
+        t0 = t_star / T
+        dt = t0 / num_steps
+        ks = np.arange(num_steps)
+        times = (t0 - ks * dt).astype(np.float32)
         # The eps-model's time input: index round(t (T - 1)) (API.md: index i <-> t = i/(T-1)).
-        idx = jnp.clip(jnp.round(t * (T - 1)), 0, T - 1).astype(jnp.int32)
-        eps = _call_eps(eps_fn, x, jnp.full((batch,), idx, jnp.int32))
-        _, std_t = sde.marginal(t)
-        score = -eps / std_t
-        beta_t = sde.beta(t)
-        drift = 0.5 * beta_t * x + beta_t * score  # reverse-time drift, time running back
-        noise = _per_example_normal(keys, k + 1, x.shape[1:], x.dtype)
-        diffusion = jnp.where(is_last, 0.0, jnp.sqrt(beta_t * dt))
-        return x + drift * dt + diffusion * noise, None
+        idx = np.clip(np.round(times * np.float32(T - 1)), 0, T - 1).astype(np.int32)
+        tt = times.astype(np.float64)
+        m0 = mean(t0)
+        std = xp.sqrt(1.0 - mean(tt) ** 2)
+        b = beta(tt)
+        # x + (1/2 beta x + beta score) dt + sqrt(beta dt) z, score = -eps / std(t).
+        parts = dict(x_scale=m0, noise_scale=xp.sqrt(1.0 - m0**2), t=idx,
+                     noise_index=(ks + 1).astype(np.int32), eps_x0=zeros, x0_scale=zeros,
+                     clip=np.zeros(num_steps, bool), c_x0=zeros, c_x=1.0 + 0.5 * b * dt,
+                     c_eps=-b * dt / std,
+                     c_noise=xp.where(ks == num_steps - 1, 0.0, xp.sqrt(b * dt)))
+    else:
+        taus = respaced_timesteps(t_star, num_steps)[::-1]  # the order the chain runs
+        a_t = abar_all[taus]
+        a_prev = abar_all[np.maximum(taus[1:], 0)] if num_steps > 1 else abar_all[:0]
+        a_prev = xp.concatenate([a_prev, xp.ones((1,), ftype)])
+        if method in ("ddpm", "ddim"):
+            a = abar_all[t_star - 1]
+            x_scale, noise_scale = xp.sqrt(a), xp.sqrt(1.0 - a)
+        else:  # reverse_only, reverse_only_ddim: the input itself is taken as x_t.
+            x_scale, noise_scale = 1.0, 0.0
+        if method.endswith("ddim"):
+            # sqrt(a_prev) x0 + sqrt(1 - a_prev) (x - sqrt(a_t) x0) / sqrt(1 - a_t)
+            r = xp.sqrt(1.0 - a_prev) / xp.sqrt(1.0 - a_t)
+            c_x0, c_x, c_noise = xp.sqrt(a_prev) - r * xp.sqrt(a_t), r, zeros
+        else:
+            # The posterior q(x_{t-1} | x_t, x0); its variance is 0 on the last step.
+            alpha = a_t / a_prev
+            beta = 1.0 - alpha
+            c_x0 = xp.sqrt(a_prev) * beta / (1.0 - a_t)
+            c_x = xp.sqrt(alpha) * (1.0 - a_prev) / (1.0 - a_t)
+            c_noise = xp.sqrt(beta * (1.0 - a_prev) / (1.0 - a_t))
+        parts = dict(x_scale=x_scale, noise_scale=noise_scale, t=taus.astype(np.int32),
+                     noise_index=(taus + 1).astype(np.int32), eps_x0=xp.sqrt(1.0 - a_t),
+                     x0_scale=1.0 / xp.sqrt(a_t),
+                     clip=np.full(num_steps, bool(clip_denoised)), c_x0=c_x0, c_x=c_x,
+                     c_eps=zeros, c_noise=c_noise)
+    if length is not None:
+        length = _checks.check_int(length, "length", num_steps)
+        pad = length - num_steps
+        if pad:
+            ident = dict(t=0, noise_index=0, eps_x0=0.0, x0_scale=0.0, clip=False, c_x0=0.0,
+                         c_x=1.0, c_eps=0.0, c_noise=0.0)
+            for k, v in ident.items():
+                arr = parts[k]
+                lib = np if isinstance(arr, np.ndarray) else jnp
+                parts[k] = lib.concatenate([lib.full(pad, v, arr.dtype), arr])
+    as_f32 = (lambda v: np.asarray(v, np.float32)) if concrete else (
+        lambda v: jnp.asarray(v, jnp.float32))
+    out = {k: (v if k in ("t", "noise_index", "clip") else as_f32(v)) for k, v in parts.items()}
+    if concrete:
+        out = {k: jnp.asarray(v) for k, v in out.items()}
+    return Chain(**out)
+
+
+@functools.partial(jax.jit, static_argnames=("remat",))
+def _run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool):
+    xm = to_model_space(x)
+    x_t = chain.x_scale * xm + chain.noise_scale * _per_example_normal(
+        keys, 0, xm.shape[1:], xm.dtype)
+    batch = x.shape[0]
+
+    def step(x, c):
+        eps = _call_eps(eps_fn, x, jnp.full((batch,), c.t, jnp.int32))
+        x0 = (x - c.eps_x0 * eps) * c.x0_scale
+        x0 = jnp.where(c.clip, jnp.clip(x0, -1.0, 1.0), x0)
+        noise = _per_example_normal(keys, c.noise_index, x.shape[1:], x.dtype)
+        return c.c_x0 * x0 + c.c_x * x + c.c_eps * eps + c.c_noise * noise, None
 
     if remat:
         step = jax.checkpoint(step)
-    out, _ = jax.lax.scan(step, x_t, (jnp.asarray(ks), jnp.asarray(times), jnp.asarray(last)))
-    return out
-
-
-@functools.partial(
-    jax.jit, static_argnames=("t_star", "method", "num_steps", "remat", "clip_denoised"))
-def _purify(eps_fn, x, keys, schedule, *, t_star, method, num_steps, remat, clip_denoised):
-    xm = to_model_space(x)
-    if method == "sde":
-        out = _sde_chain(eps_fn, xm, keys, schedule, t_star, num_steps, remat)
-    else:
-        if method in ("ddpm", "ddim"):
-            abar = schedule.alphas_cumprod[t_star - 1]
-            noise = _per_example_normal(keys, 0, xm.shape[1:], xm.dtype)
-            x_t = jnp.sqrt(abar) * xm + jnp.sqrt(1.0 - abar) * noise
-        else:  # reverse_only, reverse_only_ddim: the input itself is taken as x_t.
-            x_t = xm
-        ddim = method in ("ddim", "reverse_only_ddim")
-        out = _discrete_chain(eps_fn, x_t, keys, schedule, t_star, num_steps, ddim, remat,
-                              clip_denoised)
+    per_step = chain._replace(x_scale=jnp.zeros(chain.num_steps),
+                              noise_scale=jnp.zeros(chain.num_steps))
+    out, _ = jax.lax.scan(step, x_t, per_step)
     return jnp.clip(from_model_space(out), 0.0, 1.0)
+
+
+def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True):
+    """Purifies `x` with a ready `Chain` (`make_chain`); `purify` is this plus `make_chain`.
+
+    The compiled program depends on the shapes, `eps_fn`'s structure, `remat` and the
+    number of steps only, not on the method or `t_star`.
+
+    Args:
+      eps_fn: as in `purify`.
+      x: `[B, H, W, C]` float images in [0, 1].
+      keys: `[B]` typed PRNG keys, one per example.
+      chain: the chain's coefficients.
+      remat: checkpoint each step (see `purify`).
+
+    Returns:
+      The purified images, `[B, H, W, C]` in [0, 1].
+    """
+    _checks.check_images(x, "x")
+    keys = _checks.check_keys(keys, x.shape[0])
+    if not isinstance(chain, Chain):
+        _checks.fail("chain", "a diffjax.diffusion.Chain (from make_chain)",
+                     type(chain).__name__)
+    return _run_chain(_as_eps_partial(eps_fn), x, keys, chain, remat=bool(remat))
+
+
+def _as_eps_partial(eps_fn):
+    if not isinstance(eps_fn, jax.tree_util.Partial):
+        if not callable(eps_fn):
+            _checks.fail("eps_fn", "a callable eps_fn(x_t, t)", type(eps_fn).__name__)
+        eps_fn = jax.tree_util.Partial(eps_fn)
+    return eps_fn
 
 
 def purify(
@@ -193,20 +310,7 @@ def purify(
       The purified images, `[B, H, W, C]` in [0, 1].
     """
     _checks.check_images(x, "x")
-    batch = x.shape[0]
-    keys = _checks.check_keys(keys, batch)
-    _checks.check_choice(method, "method", METHODS)
-    if not isinstance(schedule, Schedule):
-        _checks.fail("schedule", "a diffjax.diffusion.Schedule (e.g. linear_schedule())",
-                     type(schedule).__name__)
-    T = schedule.num_timesteps
-    t_star = _checks.check_int(t_star, "t_star", 1, T)
-    if num_steps is None:
-        num_steps = t_star
-    num_steps = _checks.check_int(num_steps, "num_steps", 1, t_star)
-    if not isinstance(eps_fn, jax.tree_util.Partial):
-        if not callable(eps_fn):
-            _checks.fail("eps_fn", "a callable eps_fn(x_t, t)", type(eps_fn).__name__)
-        eps_fn = jax.tree_util.Partial(eps_fn)
-    return _purify(eps_fn, x, keys, schedule, t_star=t_star, method=method,
-                   num_steps=num_steps, remat=bool(remat), clip_denoised=bool(clip_denoised))
+    keys = _checks.check_keys(keys, x.shape[0])
+    chain = make_chain(schedule, t_star=t_star, method=method, num_steps=num_steps,
+                       clip_denoised=clip_denoised)
+    return _run_chain(_as_eps_partial(eps_fn), x, keys, chain, remat=bool(remat))

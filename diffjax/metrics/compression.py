@@ -87,13 +87,29 @@ def _check_x0(x0):
     return x0
 
 
-def _check_f(f, x0, *, same_shape: bool):
+def _check_args(args, batch: int) -> tuple:
+    """Per-example extra arguments of `f`: a tuple of pytrees with leading axis `batch`."""
+    if not isinstance(args, (tuple, list)):
+        _checks.fail("args", "a tuple of per-example arguments of f (each [B, ...])",
+                     type(args).__name__, "e.g. args=(keys,) for f(x, key)")
+    for leaf in jax.tree.leaves(tuple(args)):
+        if not hasattr(leaf, "shape") or leaf.ndim < 1 or leaf.shape[0] != batch:
+            _checks.fail("args", f"arrays with one row per example (leading axis {batch})",
+                         f"shape {tuple(getattr(leaf, 'shape', ()))}")
+    return tuple(args)
+
+
+def _one_row(args):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), args)
+
+
+def _check_f(f, x0, *, same_shape: bool, args=()):
     """Traces `f` on one example (no FLOPs) and checks its output; returns its shape/dtype."""
     if not callable(f):
         _checks.fail("f", "a callable of one example", type(f).__name__)
     example = jax.ShapeDtypeStruct(x0.shape[1:], x0.dtype)
     try:
-        out = jax.eval_shape(f, example)
+        out = jax.eval_shape(f, example, *_one_row(args))
     except Exception as e:  # noqa: BLE001 - re-raised with the contract in the message
         raise ValueError(
             f"f: expected a function of ONE example of shape {tuple(x0.shape[1:])}; calling it "
@@ -262,14 +278,18 @@ def _rate_sample(g, xf, key, *, num_samples, radius, chunk_size, clip_to_unit, r
     return rate, se, _all_finite(y0, ratios)
 
 
-def _rate_core(f, x0, keys, radius, *, method, estimator, **kw):
+def _rate_core(f, x0, keys, radius, args, *, method, estimator, **kw):
     shape = x0.shape[1:]
-    d_out = math.prod(jax.eval_shape(f, jax.ShapeDtypeStruct(shape, x0.dtype)).shape)
-    g = _flat(f, shape)
+    d_out = math.prod(jax.eval_shape(f, jax.ShapeDtypeStruct(shape, x0.dtype),
+                                     *_one_row(args)).shape)
     kernel = {"sample": _rate_sample, "exact": _rate_exact,
               "hutchinson": _rate_hutchinson}[method if method == "sample" else estimator]
-    per_example = lambda x, k: kernel(g, jnp.ravel(x), k, d_out=d_out, radius=radius, **kw)
-    return jax.vmap(per_example)(x0, keys)
+
+    def per_example(x, k, a):
+        g = _flat(lambda v: f(v, *a), shape)
+        return kernel(g, jnp.ravel(x), k, d_out=d_out, radius=radius, **kw)
+
+    return jax.vmap(per_example)(x0, keys, args)
 
 
 def _raise_if_nonfinite(finite):
@@ -298,6 +318,7 @@ def compression_rate(
     reduction: str = "mean",
     same_shape: bool = True,
     return_stderr: bool = False,
+    args=(),
 ):
     """The compression rate of `f` around each example of `x0` (paper Sec. 5).
 
@@ -337,6 +358,11 @@ def compression_rate(
       same_shape: require the output of `f` to have the input example's shape (catches
         batched functions passed by mistake); False allows maps into another space.
       return_stderr: also return the standard error of each rate (zero for the exact path).
+      args: per-example extra arguments of `f`, a tuple of arrays (or pytrees) with
+        leading axis `B`: `f(x, *args_b)` for example `b`, not differentiated. E.g. a
+        purifier under each example's own fixed key in one batched call:
+        ``f = lambda x, k: purify(eps_fn, x[None], k[None], ...)[0]`` with
+        ``args=(keys,)``.
 
     Returns:
       ``rate`` ``[B]`` float, or ``(rate, stderr)`` with ``return_stderr=True``. A linear
@@ -353,7 +379,8 @@ def compression_rate(
     _checks.check_choice(ad_mode, "ad_mode", _AD_MODES)
     _checks.check_choice(reduction, "reduction", _REDUCTIONS)
     chunk_size = _checks.check_int(chunk_size, "chunk_size", lo=1)
-    _check_f(f, x0, same_shape=same_shape)
+    args = _check_args(args, x0.shape[0])
+    _check_f(f, x0, same_shape=same_shape, args=args)
     batch = x0.shape[0]
     d = math.prod(x0.shape[1:])
     kw = dict(chunk_size=chunk_size)
@@ -378,7 +405,7 @@ def compression_rate(
         if estimator == "hutchinson":
             kw.update(num_probes=num_probes)
     radius = jnp.asarray(1.0 if radius is None else radius, x0.dtype)  # traced: no retrace
-    rate, se, finite = _call_jitted(_rate_core, f, x0, keys, radius, **kw)
+    rate, se, finite = _call_jitted(_rate_core, f, x0, keys, radius, args, **kw)
     _raise_if_nonfinite(finite)
     return (rate, se) if return_stderr else rate
 
@@ -388,22 +415,23 @@ def compression_rate(
 # --------------------------------------------------------------------------------------
 
 
-def _sv_core(f, x0, *, chunk_size, ad_mode):
+def _sv_core(f, x0, args, *, chunk_size, ad_mode):
     shape = x0.shape[1:]
-    d_out = math.prod(jax.eval_shape(f, jax.ShapeDtypeStruct(shape, x0.dtype)).shape)
-    g = _flat(f, shape)
+    d_out = math.prod(jax.eval_shape(f, jax.ShapeDtypeStruct(shape, x0.dtype),
+                                     *_one_row(args)).shape)
 
-    def per_example(x):
+    def per_example(x, a):
+        g = _flat(lambda v: f(v, *a), shape)
         xf = jnp.ravel(x)
         mat = _basis_products(g, xf, d_out, chunk_size, ad_mode, lambda c: c)
         s = jnp.linalg.svd(mat, compute_uv=False)
         return s, _all_finite(g(xf), mat)
 
-    return jax.vmap(per_example)(x0)
+    return jax.vmap(per_example)(x0, args)
 
 
 def jacobian_singular_values(f: Callable, x0, *, chunk_size: int = 64,
-                             ad_mode: str = "forward"):
+                             ad_mode: str = "forward", args=()):
     """All singular values of the Jacobian of `f` at each example of `x0`, descending.
 
     The exact path: the Jacobian is built from `d_in` `jvp`s against the standard basis
@@ -418,6 +446,9 @@ def jacobian_singular_values(f: Callable, x0, *, chunk_size: int = 64,
       x0: a floating batch ``[B, ...]``.
       chunk_size: products computed at once, >= 1.
       ad_mode: ``"forward"`` or ``"reverse"``.
+      args: per-example extra arguments of `f`, a tuple of arrays (or pytrees) with
+        leading axis `B`: `f(x, *args_b)` for example `b` (e.g. ``args=(keys,)`` to measure
+        each example's purifier under its own key in one batched call); not differentiated.
 
     Returns:
       ``[B, min(d_out, d_in)]`` singular values, descending.
@@ -429,8 +460,9 @@ def jacobian_singular_values(f: Callable, x0, *, chunk_size: int = 64,
     _check_x0(x0)
     _checks.check_choice(ad_mode, "ad_mode", _AD_MODES)
     chunk_size = _checks.check_int(chunk_size, "chunk_size", lo=1)
-    _check_f(f, x0, same_shape=False)
-    s, finite = _call_jitted(_sv_core, f, x0, chunk_size=chunk_size, ad_mode=ad_mode)
+    args = _check_args(args, x0.shape[0])
+    _check_f(f, x0, same_shape=False, args=args)
+    s, finite = _call_jitted(_sv_core, f, x0, args, chunk_size=chunk_size, ad_mode=ad_mode)
     _raise_if_nonfinite(finite)
     return s
 

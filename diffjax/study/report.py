@@ -84,8 +84,15 @@ def verdicts(res: dict) -> dict[str, tuple[bool, str]]:
     rho = (res.get("rank_correlation") or {}).get("statistic")
     ok4 = r2 is not None and r2 > 0.5 and (rho is None or rho < 0)
     frac = [p.get("fraction_sv_below_0.25") for p in res["compression"]]
+    excl = fit.get("excluded") or []
+    used = fit.get("num_points", len(res["compression"]))
     out["claim4"] = (bool(ok4), (
-        f"Across {len(res['compression'])} purifier settings, fixed-randomness robust accuracy "
+        f"Across {used} points ({len(res['compression']) - len(excl)} purifier settings and "
+        f"the undefended classifier at rate 1"
+        + (f"; left out, purified clean accuracy below "
+           f"{100 * fit.get('min_clean_fraction', 0.9):.0f}% of the undefended: "
+           f"{', '.join(excl)}" if excl else "")
+        + f"), fixed-randomness robust accuracy "
         f"follows the compression rate along a logistic curve (R^2 = "
         f"{'n/a' if r2 is None else f'{r2:.3f}'}; Spearman rank correlation of the rate "
         f"with robust accuracy {'n/a' if rho is None else f'{rho:.3f}'}, negative: stronger "
@@ -161,9 +168,10 @@ def render_markdown(res: dict) -> str:
               "![compression vs robustness](compression_robustness.png)", ""]
     rows = [[p["method"], p["t_star"], f"{p['compression_rate']:.3f}",
              f"{100 * p['fraction_sv_below_0.25']:.0f}%", _pct(p["robust_accuracy_fixed"]),
-             _pct(p["clean_accuracy"])] for p in res["compression"]]
+             _pct(p["clean_accuracy"]), "yes" if p.get("in_fit", True) else "no"]
+            for p in res["compression"]]
     parts.append(_table(["method", "t*", "compression rate (RMS sv)", "sv < 0.25",
-                         "robust (fixed)", "clean"], rows))
+                         "robust (fixed)", "clean", "in fit"], rows))
     fit = res.get("sigmoid_fit") or {}
     if fit.get("params") is not None:
         parts += ["", f"Logistic fit: {json.dumps(fit.get('params'))}, R^2 = {fit['r2']:.3f}."]
@@ -184,13 +192,22 @@ def _figures(res: dict, out: pathlib.Path):
 
     # Compression vs robustness, with the fit.
     fig, ax = plt.subplots(figsize=(5, 4))
-    for m in sorted({p["method"] for p in res["compression"]}):
+    for i, m in enumerate(sorted({p["method"] for p in res["compression"]})):
         pts = [p for p in res["compression"] if p["method"] == m]
-        ax.scatter([p["compression_rate"] for p in pts],
-                   [p["robust_accuracy_fixed"] for p in pts], label=m)
+        color = f"C{i}"
+        for used in (True, False):
+            sel = [p for p in pts if p.get("in_fit", True) == used]
+            if sel:
+                ax.scatter([p["compression_rate"] for p in sel],
+                           [p["robust_accuracy_fixed"] for p in sel], edgecolors=color,
+                           facecolors=color if used else "none",
+                           label=m if used else f"{m} (not in fit: clean acc. lost)")
         for p in pts:
             ax.annotate(str(p["t_star"]), (p["compression_rate"], p["robust_accuracy_fixed"]),
                         fontsize=7)
+    und = (res.get("robust_accuracy") or {}).get("undefended")
+    if und is not None:
+        ax.scatter([1.0], [und], marker="x", color="k", label="undefended (rate 1)")
     fit = res.get("sigmoid_fit") or {}
     if fit.get("params") is not None:
         grid = np.linspace(0, max(1.0, max(p["compression_rate"] for p in res["compression"])),

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -132,10 +133,12 @@ class Workdir:
             if self.fail_after_batches is not None and self.new_batches >= self.fail_after_batches:
                 raise Interrupted(f"test hook: stopped after {self.new_batches} new batches "
                                   f"(in {name}, batch {i})")
+            t0 = time.time()
             out = {k: np.asarray(v) for k, v in compute(i).items()}
             if self.is_writer:
                 _atomic_write(file, lambda tmp, out=out: np.savez(open(tmp, "wb"), **out))
             self.new_batches += 1
+            self.log(f"[{name}] batch {i + 1}/{num_batches} done in {time.time() - t0:.1f} s")
             results.append(out)
             if progress is not None:
                 progress.update(1)
