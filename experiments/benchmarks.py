@@ -34,6 +34,12 @@ _SIZE = flags.DEFINE_enum("settings", None, ["quick", "full", "tiny", "gpu", "gp
                           "Overrides --quick: the named settings. 'gpu': the CIFAR-10 35.7M "
                           "DDPM and DDPM++ deep on the GPU (experiments.bench.gpu); "
                           "'gpu_smoke': the same code path at tiny sizes (any device).")
+_GPU_CASES = flags.DEFINE_list(
+    "gpu_cases", None, "gpu settings: run only these cases of the plan, in this order "
+    "(their models' setups are added), e.g. ddpmpp_eot_bf16,ddpm_grad_memory.")
+_GPU_SET = flags.DEFINE_list(
+    "gpu_set", None, "gpu settings: override GpuSettings integer fields, e.g. "
+    "eot_batch=16,pp_eot_batch=8.")
 _BUDGET = flags.DEFINE_float(
     "time_budget_s", None, "gpu settings: skip the remaining cases once this many seconds "
     "have passed (results are written after every case).")
@@ -98,8 +104,17 @@ def _main_gpu(name: str) -> None:
         if not torch.cuda.is_available():  # a CPU peer on a loaded machine: one thread
             torch.set_num_threads(1)
     settings = gpu.gpu_settings() if name == "gpu" else gpu.gpu_smoke_settings()
+    if _GPU_SET.value:
+        import dataclasses
+
+        try:
+            pairs = dict(item.split("=", 1) for item in _GPU_SET.value)
+            settings = dataclasses.replace(settings, **{k: int(v) for k, v in pairs.items()})
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: --gpu_set: expected field=integer pairs of GpuSettings; "
+                             f"got {_GPU_SET.value} ({e})") from None
     gpu.run_gpu(settings, _OUT.value, log=lambda s: print(s, flush=True),
-                time_budget_s=_BUDGET.value,
+                time_budget_s=_BUDGET.value, only=_GPU_CASES.value,
                 command="python -m experiments.benchmarks " + " ".join(sys.argv[1:]))
 
 

@@ -955,7 +955,7 @@ def versions() -> dict:
 
 def run_gpu(settings: GpuSettings, out_dir, *, log: Callable[[str], None] = print,
             time_budget_s: float | None = None, workdir: str | None = None,
-            command: str = "") -> GpuBench:
+            command: str = "", only: list[str] | None = None) -> GpuBench:
     """Runs the GPU suite in priority order; returns the `GpuBench` (results written).
 
     Order (most wanted first; a spent `time_budget_s` skips the rest): the precision probe,
@@ -990,6 +990,15 @@ def run_gpu(settings: GpuSettings, out_dir, *, log: Callable[[str], None] = prin
     plan += [(f"ddpm_purify_b{n}_{dt}", b.purify_case, ("ddpm", dt, n, False))
              for n in s.extra_purify_batches for dt in ("bf16", "fp32")]
     plan.append(("ddpmpp_eot_fp32", b.eot_case, ("ddpmpp", "fp32", s.pp_eot_batch)))
+    if only:
+        by_name = {p[0]: p for p in plan}
+        unknown = [n for n in only if n not in by_name]
+        if unknown:
+            raise ValueError(f"gpu_cases: unknown {unknown}; expected names of {list(by_name)}")
+        models = {by_name[n][2][0] for n in only if by_name[n][2]} & {"ddpm", "ddpmpp"}
+        plan = ([by_name["precision_probe"]] if "precision_probe" in only else []) + [
+            by_name[f"setup_{m}"] for m in ("ddpm", "ddpmpp") if m in models] + [
+            by_name[n] for n in only if n != "precision_probe" and not n.startswith("setup_")]
     for name, fn, args in plan:
         if args and args[0] in ("ddpm", "ddpmpp") and args[0] not in b.models:
             continue  # its model's setup failed (recorded)
