@@ -2,13 +2,12 @@
 time budget skipped) into one ``benchmarks.json`` + ``benchmarks.md``, recomputing the
 projection from all measured cases.
 
-    python -m experiments.bench.merge_gpu --out=benchmarks/gpu_h100 \\
+    python -m experiments.bench.merge_gpu --recount_flops --out=benchmarks/gpu_h100 \\
         benchmarks/gpu_h100/run1 benchmarks/gpu_h100/run2
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -16,7 +15,7 @@ import pathlib
 from experiments.bench import gpu, models
 
 
-def merge(run_dirs: list[str]) -> dict:
+def merge(run_dirs: list[str], recount_flops: bool = False) -> dict:
     """The cases of every run (a later run's case of the same name wins), the first run's
     meta with each run's command, and the projection over all of them."""
     runs = [json.loads((pathlib.Path(d) / "benchmarks.json").read_text()) for d in run_dirs]
@@ -41,15 +40,67 @@ def merge(run_dirs: list[str]) -> dict:
     s = gpu.GpuSettings(**{k: tuple(v) if isinstance(v, list) else v
                            for k, v in settings.items() if k in fields})
     merged["_projection"] = gpu.projection(merged, s)
+    if recount_flops:
+        _recount_flops(merged, s)
     return merged
 
 
+def _recount_flops(data: dict, s) -> None:
+    """Replaces the runs' FLOP counts by the CPU-lowered ones (`gpu.unet_flops`) and
+    rescales each case's achieved TFLOP/s and fractions of peak accordingly.
+
+    Runs made before `gpu.unet_flops` counted on the CPU took XLA's GPU cost analysis,
+    which leaves out the convolutions (cuDNN custom calls).
+    """
+    import jax
+
+    from diffjax import models as dmodels
+    from diffjax.models import ncsnpp, unet
+
+    if s.ddpm != models.cifar10_size():
+        raise ValueError("--recount_flops: only for the suite's CIFAR-10 U-Net size")
+    configs = {"ddpm": ("ddpm_unet", unet.cifar10_config()),
+               "ddpmpp": ("ncsnpp", dict(ncsnpp.cifar10_deep_config(), **dict(s.ddpmpp)))}
+    old = data.get("_flops") or {}
+    new = {}
+    for key, (kind, config) in configs.items():
+        module = dmodels.build(kind, config)
+        spec = dmodels.get_spec(kind)
+        variables = jax.eval_shape(lambda k, m=module, c=config, sp=spec: sp.init(m, c, k),
+                                   jax.random.key(0))
+        eps = jax.tree_util.Partial(
+            lambda v, x, t, m=module, c=config, sp=spec: sp.make_fn(m, c, v)(x, t), variables)
+        res = config.get("resolution", config.get("image_size", 32))
+        ch = config.get("in_channels", config.get("num_channels", 3))
+        new[key] = {**old.get(key, {}), **gpu.unet_flops(eps, res, ch),
+                    "counted_on": "cpu (XLA cost analysis of the CPU-lowered HLO)",
+                    "gpu_cost_analysis": {k: old.get(key, {}).get(k)
+                                          for k in ("forward_flops", "grad_flops")}}
+    data["_flops"] = new
+    for name, r in data.items():
+        if name.startswith("_") or r.get("diffjax_tflops") is None or r.get("model") not in new:
+            continue
+        f = new[r["model"]]
+        per_step = f["forward_flops"] if "purify" in name else (
+            f["forward_flops"] + f["grad_flops"])
+        flops = per_step * r.get("steps", s.steps) * r.get("eot", 1)
+        scale = flops / r["flops_per_image"]
+        r["flops_per_image"] = flops
+        r["diffjax_tflops"] *= scale
+        r["fraction_of_peak"] = {k: v * scale for k, v in r.get("fraction_of_peak", {}).items()}
+
+
 def main() -> None:
+    import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories holding benchmarks.json")
     parser.add_argument("--out", required=True, help="where to write the merged files")
+    parser.add_argument("--recount_flops", action="store_true",
+                        help="count FLOPs on the CPU backend and rescale the achieved TFLOP/s "
+                             "(for runs whose GPU cost analysis left out the convolutions)")
     args = parser.parse_args()
-    data = merge(args.runs)
+    data = merge(args.runs, recount_flops=args.recount_flops)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(data, indent=2, sort_keys=True))
