@@ -1,6 +1,6 @@
 r"""The whole study on the embedded default (sklearn digits, shipped checkpoints).
 
-Run (about 10 minutes on a 2-core CPU; `:quick` under a minute):
+Run (about 7 minutes on a 2-core CPU from a cold start; `:quick` under a minute):
 
     python -m experiments.reproduce --workdir=workdir/study
     python -m experiments.reproduce --workdir=workdir/quick \
