@@ -66,10 +66,11 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
-    """Pads axis 0 to a multiple of `multiple` by repeating the last row."""
+def pad_rows(x: np.ndarray, multiple: int, rows: int = 0) -> np.ndarray:
+    """Pads axis 0 by repeating the last row, to at least `rows` rows and to a multiple of
+    `multiple`."""
     n = x.shape[0]
-    target = -(-n // multiple) * multiple
+    target = -(-max(n, rows) // multiple) * multiple
     if target == n:
         return x
     reps = np.repeat(x[-1:], target - n, axis=0)
@@ -80,11 +81,12 @@ def _batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
-def shard_batch(mesh, *arrays):
+def shard_batch(mesh, *arrays, rows: int = 0):
     """Places global batches on the mesh, split on axis 0; returns (arrays..., n).
 
     Every process passes the same full batch. Rows are padded (repeating the last row) to
-    a multiple of the device count; drop the padding from results with `[:n]`. Typed key
+    at least `rows` (so that batches of every size share one compiled program) and to a
+    multiple of the device count; drop the padding from results with `[:n]`. Typed key
     arrays are accepted.
     """
     n = arrays[0].shape[0]
@@ -92,12 +94,12 @@ def shard_batch(mesh, *arrays):
     out = []
     for a in arrays:
         if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            data = pad_rows(np.asarray(jax.random.key_data(a)), size)
+            data = pad_rows(np.asarray(jax.random.key_data(a)), size, rows)
             impl = jax.random.key_impl(a)
             sharded = _put(mesh, data)
             out.append(jax.random.wrap_key_data(sharded, impl=impl))
         else:
-            out.append(_put(mesh, pad_rows(np.asarray(a), size)))
+            out.append(_put(mesh, pad_rows(np.asarray(a), size, rows)))
     return (*out, n)
 
 

@@ -166,11 +166,7 @@ class Study:
         batches of every part have one shape and share the compiled programs (the padding
         is dropped from the results with `[:n]`).
         """
-        n = arrays[0].shape[0]
-        bs = max(int(self.config.batch_size), n)
-        padded = [_pad_to(a, bs) for a in arrays]
-        *out, _ = parallel.shard_batch(self.mesh, *padded)
-        return (*out, n)
+        return parallel.shard_batch(self.mesh, *arrays, rows=int(self.config.batch_size))
 
     def keys_of(self, sl):
         return jax.random.wrap_key_data(jnp.asarray(self.keys[sl]))
@@ -384,17 +380,6 @@ class Study:
                     "robust_accuracy_fixed": robust_fixed, "clean_accuracy": clean}
 
         return self.workdir.part(f"compression_{method}_t{t_star}", compute)
-
-
-def _pad_to(a, rows: int):
-    """`a` with its last row repeated up to `rows` rows (typed key arrays too)."""
-    n = a.shape[0]
-    if n == rows:
-        return a
-    idx = np.minimum(np.arange(rows), n - 1)
-    if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-        return a[jnp.asarray(idx)]
-    return np.asarray(a)[idx]
 
 
 def _resized_purify(purify_fn, size, x, keys):

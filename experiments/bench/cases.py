@@ -40,6 +40,7 @@ import torch
 
 from diffjax import diffusion, metrics
 from experiments.bench import models, peer, timing
+from experiments.bench.programs import Purifier, PurifyOne, make_eot_grad, make_grad
 
 __all__ = ["Settings", "quick_settings", "full_settings", "tiny_settings", "Bench",
            "run_all"]
@@ -123,52 +124,6 @@ def tiny_settings() -> Settings:
 # ------------------------------------------------------------------------------ diffjax
 
 
-@dataclasses.dataclass(frozen=True)
-class _Purifier:
-    """``purify(eps_fn, x, keys)`` with the static settings bound (hashable)."""
-
-    t_star: int
-    num_steps: int
-    remat: bool = True
-
-    def __call__(self, eps_fn, schedule, x, keys):
-        return diffusion.purify(eps_fn, x, keys, schedule=schedule, t_star=self.t_star,
-                                method="ddpm", num_steps=self.num_steps, remat=self.remat)
-
-
-@dataclasses.dataclass(frozen=True)
-class _PurifyOne:
-    """One example under a fixed key: ``f(x) = purify(x[None], key[None])[0]``."""
-
-    pur: _Purifier
-
-    def __call__(self, eps_fn, schedule, key, x):
-        return self.pur(eps_fn, schedule, x[None], key[None])[0]
-
-
-def _ce_sum(out, w, labels):
-    logits = out.reshape(out.shape[0], -1) @ w
-    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-
-def _make_grad(pur: _Purifier) -> Callable:
-    def loss(x, eps_fn, schedule, keys, w, labels):
-        return _ce_sum(pur(eps_fn, schedule, x, keys), w, labels)
-
-    return jax.grad(loss)
-
-
-def _make_eot_grad(pur: _Purifier) -> Callable:
-    grad = _make_grad(pur)
-
-    def eot(x, eps_fn, schedule, draw_keys, w, labels):  # draw_keys [K, B]
-        g = jax.vmap(grad, in_axes=(None, None, None, 0, None, None))(
-            x, eps_fn, schedule, draw_keys, w, labels)
-        return jnp.mean(g, axis=0)
-
-    return eot
-
-
 # ------------------------------------------------------------------------------ harness
 
 
@@ -249,7 +204,7 @@ class Bench:
         """Purification (no gradient): throughput on both sides."""
         pair = self.pair(size)
         x, keys, _, _ = self.inputs(size, batch)
-        pur = _Purifier(self.s.t_star, steps)
+        pur = Purifier(self.s.t_star, steps)
         compiled, compile_s, peak = timing.compile_jax(pur, pair.eps_fn, self.schedule, x, keys)
         run_j = lambda: compiled(pair.eps_fn, self.schedule, x, keys)
         out_j = np.asarray(run_j())
@@ -275,9 +230,9 @@ class Bench:
         """One full-gradient attack step: diffjax (remat) vs the peer with/without ckpt."""
         pair = self.pair(size)
         x, keys, w, labels = self.inputs(size, batch)
-        pur = _Purifier(self.s.t_star, steps)
+        pur = Purifier(self.s.t_star, steps)
         args = (x, pair.eps_fn, self.schedule, keys, w, labels)
-        compiled, compile_s, peak = timing.compile_jax(_make_grad(pur), *args)
+        compiled, compile_s, peak = timing.compile_jax(make_grad(pur), *args)
         g_j = np.asarray(compiled(*args))
         ppur = self.peer_purifier(pair, steps)
         xt, nz = peer.to_nchw(x), self.noises(keys, size, steps)
@@ -303,8 +258,8 @@ class Bench:
                     extra[key] = timing.rss_probe(pair.model_dir, arrays, t_star=self.s.t_star,
                                                   num_steps=steps, checkpoint=ck)
             if self.s.noremat:
-                nr = _Purifier(self.s.t_star, steps, remat=False)
-                c_nr, cs_nr, peak_nr = timing.compile_jax(_make_grad(nr), *args)
+                nr = Purifier(self.s.t_star, steps, remat=False)
+                c_nr, cs_nr, peak_nr = timing.compile_jax(make_grad(nr), *args)
                 extra["diffjax_noremat_s"] = timing.median_time(
                     lambda: c_nr(*args), repeats=self.s.repeats)[0] / batch
                 extra["diffjax_noremat_peak_mb"] = peak_nr
@@ -325,9 +280,9 @@ class Bench:
         x, keys, w, labels = self.inputs(size, batch)
         draw_keys = jax.vmap(lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(keys))(
             jnp.arange(s.eot, dtype=jnp.uint32))  # [K, B]
-        pur = _Purifier(s.t_star, steps)
+        pur = Purifier(s.t_star, steps)
         args = (x, pair.eps_fn, self.schedule, draw_keys, w, labels)
-        compiled, compile_s, peak = timing.compile_jax(_make_eot_grad(pur), *args)
+        compiled, compile_s, peak = timing.compile_jax(make_eot_grad(pur), *args)
         g_j = np.asarray(compiled(*args))
         ppur = self.peer_purifier(pair, steps)
         xt = peer.to_nchw(x)
@@ -361,8 +316,8 @@ class Bench:
         pair = self.pair(size)
         x, keys, _, _ = self.inputs(size, 1, seed=3)
         d = int(np.prod(x.shape[1:]))
-        pur = _Purifier(s.t_star, steps)
-        f = jax.tree_util.Partial(_PurifyOne(pur), pair.eps_fn, self.schedule, keys[0])
+        pur = Purifier(s.t_star, steps)
+        f = jax.tree_util.Partial(PurifyOne(pur), pair.eps_fn, self.schedule, keys[0])
         x0 = jnp.asarray(x)
         exact = functools.partial(metrics.compression_rate, f, x0, estimator="exact",
                                   chunk_size=s.jac_chunk, ad_mode=s.jac_ad_mode)

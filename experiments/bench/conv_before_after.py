@@ -25,7 +25,7 @@ def main(variant: str) -> dict:
         layers.Conv = nn.Conv  # the U-Net looks layers.Conv up when it is built
     elif variant != "after":
         raise ValueError(f"variant: expected 'before' or 'after'; got {variant!r}")
-    from experiments.bench import cases, timing
+    from experiments.bench import cases, programs, timing
 
     s = cases.quick_settings()
     b = cases.Bench(s, log=lambda m: None)
@@ -34,7 +34,7 @@ def main(variant: str) -> dict:
     for steps in (10, 100):
         x, keys, w, labels = b.inputs(s.size, s.grad_batch)
         args = (x, pair.eps_fn, b.schedule, keys, w, labels)
-        grad = cases._make_grad(cases._Purifier(s.t_star, steps))
+        grad = programs.make_grad(programs.Purifier(s.t_star, steps))
         comp, compile_s, peak = timing.compile_jax(grad, *args)
         t, _ = timing.median_time(lambda c=comp, a=args: c(*a), repeats=3)
         out[f"grad_t{steps}"] = {"s_per_img": t / s.grad_batch, "compile_s": compile_s,

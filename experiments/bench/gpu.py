@@ -62,6 +62,7 @@ import numpy as np
 from diffjax import diffusion, models
 from experiments.bench import report, timing
 from experiments.bench.models import UNetSize, cifar10_size
+from experiments.bench.programs import Purifier, make_eot_grad, make_grad
 
 __all__ = ["GpuSettings", "gpu_settings", "gpu_smoke_settings", "bf16_eps_fn",
            "random_variables", "op_dtypes", "projection", "GpuBench", "run_gpu", "PEAKS"]
@@ -296,41 +297,6 @@ class Model:
 
 
 # ------------------------------------------------------------------------- diffjax side
-
-
-@dataclasses.dataclass(frozen=True)
-class _Purifier:
-    """``purify(eps_fn, x, keys)`` with the static settings bound (hashable)."""
-
-    t_star: int
-    num_steps: int
-
-    def __call__(self, eps_fn, schedule, x, keys):
-        return diffusion.purify(eps_fn, x, keys, schedule=schedule, t_star=self.t_star,
-                                method="ddpm", num_steps=self.num_steps, remat=True)
-
-
-def _ce_sum(out, w, labels):
-    logits = out.reshape(out.shape[0], -1) @ w
-    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-
-def _make_grad(pur: _Purifier) -> Callable:
-    def loss(x, eps_fn, schedule, keys, w, labels):
-        return _ce_sum(pur(eps_fn, schedule, x, keys), w, labels)
-
-    return jax.grad(loss)
-
-
-def _make_eot_grad(pur: _Purifier) -> Callable:
-    grad = _make_grad(pur)
-
-    def eot(x, eps_fn, schedule, draw_keys, w, labels):  # draw_keys [K, B]
-        g = jax.vmap(grad, in_axes=(None, None, None, 0, None, None))(
-            x, eps_fn, schedule, draw_keys, w, labels)
-        return jnp.mean(g, axis=0)
-
-    return eot
 
 
 @contextlib.contextmanager
@@ -721,7 +687,7 @@ class GpuBench:
         s, m = self.s, self.models[key]
         if m.torch_model is None:
             raise RuntimeError(m.peer_error or "no peer")
-        pur = _Purifier(s.t_star, s.steps)
+        pur = Purifier(s.t_star, s.steps)
         x, keys, w, labels = self.inputs(m, s.check_batch)
         with _jax_precision("highest"):
             c, cs, _ = timing.compile_jax(pur, m.eps["fp32"], self.schedule, x, keys)
@@ -743,7 +709,7 @@ class GpuBench:
         x, keys, w, labels = self.inputs(m, s.check_grad_batch)
         args = (x, m.eps["fp32"], self.schedule, keys, w, labels)
         with _jax_precision("highest"):
-            c, cs, _ = timing.compile_jax(_make_grad(pur), *args)
+            c, cs, _ = timing.compile_jax(make_grad(pur), *args)
         g_j = np.asarray(c(*args))
         xt, nz, wt, yt = self.peer_inputs(m, x, keys, w, labels, s.steps)
         with _torch_exact_fp32():
@@ -760,7 +726,7 @@ class GpuBench:
         """Purification throughput, diffjax (and the peer at the same batch and dtype)."""
         s, m = self.s, self.models[key]
         x, keys, w, labels = self.inputs(m, batch)
-        pur, eps = _Purifier(s.t_star, s.steps), m.eps[dt]
+        pur, eps = Purifier(s.t_star, s.steps), m.eps[dt]
         c, cs, peak = timing.compile_jax(pur, eps, self.schedule, x, keys)
         run = lambda: c(eps, self.schedule, x, keys)
         out = np.asarray(run())
@@ -800,7 +766,7 @@ class GpuBench:
         s, m = self.s, self.models[key]
         x, keys, w, labels = self.inputs(m, batch)
         args = (x, m.eps[dt], self.schedule, keys, w, labels)
-        c, cs, peak = timing.compile_jax(_make_grad(_Purifier(s.t_star, s.steps)), *args)
+        c, cs, peak = timing.compile_jax(make_grad(Purifier(s.t_star, s.steps)), *args)
         g = np.asarray(c(*args))
         tj = _time(lambda: c(*args), jax.block_until_ready, s.repeats, s.warmup - 1)
         rec = dict(diffjax_s=tj / batch, diffjax_images_per_s=batch / tj, compile_s=cs,
@@ -836,7 +802,7 @@ class GpuBench:
         draw_keys = jax.vmap(lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(keys))(
             jnp.arange(s.eot, dtype=jnp.uint32))  # [K, B]
         args = (x, m.eps[dt], self.schedule, draw_keys, w, labels)
-        c, cs, peak = timing.compile_jax(_make_eot_grad(_Purifier(s.t_star, s.steps)), *args)
+        c, cs, peak = timing.compile_jax(make_eot_grad(Purifier(s.t_star, s.steps)), *args)
         jax.block_until_ready(c(*args))
         tj = _time(lambda: c(*args), jax.block_until_ready, s.repeats, s.warmup - 1)
         self.record(
@@ -859,7 +825,7 @@ class GpuBench:
             if steps == s.steps and done.get("diffjax_peak_mb") is not None:
                 by_steps[str(steps)] = done["diffjax_peak_mb"]
                 continue
-            _, _, peak = timing.compile_jax(_make_grad(_Purifier(s.t_star, steps)), *args)
+            _, _, peak = timing.compile_jax(make_grad(Purifier(s.t_star, steps)), *args)
             by_steps[str(steps)] = peak
         rec = dict(diffjax_peak_mb_by_steps=by_steps, batch=s.grad_batch, model=key,
                    dtype="fp32", diffjax_peak_mb=by_steps.get(str(s.steps)),
