@@ -7,7 +7,7 @@ import pytest
 from jax.tree_util import Partial
 
 from diffjax import attacks, randomness
-from diffjax.attacks import APGDConfig, Gradient, streams
+from diffjax.attacks import APGDConfig, Gradient, engine, streams
 from diffjax.defense import Defense, undefended
 
 H = W = 4
@@ -106,7 +106,7 @@ def test_matches_reference_loop(norm, eps, loss):
     lg = jax.jit(lambda z: attacks.loss_and_grad(defense, z, y, ek[None], loss=loss,
                                                  gradient=Gradient()))
     grad_fn = lambda z: tuple(np.array(v) for v in lg(jnp.asarray(z)))
-    start = np.asarray(attacks.apgd._start(streams.start_keys(ek), x, eps, norm))
+    start = np.asarray(attacks.apgd.start_point(streams.start_keys(ek), x, eps, norm))
     x_best, acc, loss_best, x_best_adv, loss_steps = reference_apgd(
         grad_fn, np.asarray(x), np.asarray(y), start, eps, steps, norm)
     np.testing.assert_allclose(res.loss_trajectory, loss_steps, rtol=1e-4, atol=1e-5)
@@ -178,11 +178,11 @@ def test_protocols_and_eot_through_attack_and_evaluate():
 def test_compiles_once_and_bad_inputs():
     params, x, y = problem()
     ek = randomness.example_keys(ROOT, jnp.arange(6))
-    before = attacks.apgd._TRACES["apgd"]
+    before = engine.run_program._cache_size()
     for eps in (0.01, 0.02):
         attacks.apgd_attack(undefended(Partial(mlp_logits, params)), x, y, ek,
                             config=APGDConfig(eps=eps, steps=3))
-    assert attacks.apgd._TRACES["apgd"] - before <= 1
+    assert engine.run_program._cache_size() - before <= 1
     with pytest.raises(ValueError, match="loss"):
         APGDConfig(loss="margin")
     with pytest.raises(ValueError, match="eps"):

@@ -9,7 +9,7 @@ import pytest
 from jax.tree_util import Partial
 
 from diffjax import attacks
-from diffjax.attacks import PGDConfig
+from diffjax.attacks import PGDConfig, evaluation
 from diffjax.data import Batch
 from diffjax.defense import Defense
 
@@ -110,9 +110,9 @@ def test_interrupt_and_resume_gives_the_same_results(reference, tmp_path):
     # A crash in the middle of a write leaves a partial line: it is dropped on resume.
     with open(path, "a") as f:
         f.write('{"id": 9, "label"')
-    before = attacks.protocols._TRACES["evaluate"]
+    before = evaluation.attack_and_evaluate_program._cache_size()
     resumed = run(defense, batches_of(x, y, 4), path)
-    assert attacks.protocols._TRACES["evaluate"] - before <= 1
+    assert evaluation.attack_and_evaluate_program._cache_size() - before <= 1
     assert by_id(path) == records
     assert resumed == summary
     # Running again over a finished file computes nothing new and changes nothing.

@@ -7,7 +7,7 @@ import pytest
 from jax.tree_util import Partial
 
 from diffjax import attacks
-from diffjax.attacks import Gradient, PGDConfig
+from diffjax.attacks import Gradient, PGDConfig, engine
 from diffjax.defense import Defense, undefended
 
 H = W = 4
@@ -54,7 +54,8 @@ def test_linf_reaches_analytic_worst_case():
     params, x, y = linear_problem()
     defense = undefended(Partial(linear_logits, params))
     eps = 0.03
-    cfg = PGDConfig(norm="linf", eps=eps, step_size=0.01, steps=12, loss="ce")
+    cfg = PGDConfig(norm="linf", eps=eps, step_size=0.01, steps=12, loss="ce",
+                    keep_fooling_point=False)
     res = attacks.pgd_attack(defense, x, y, keys_for(3), config=cfg, protocol="fixed")
     _, wd = margin_and_dir(params, x, y)
     expected = -eps * np.sign(wd).reshape(x.shape)
@@ -68,7 +69,7 @@ def test_l2_reaches_analytic_worst_case(random_start):
     defense = undefended(Partial(linear_logits, params))
     eps = 0.2
     cfg = PGDConfig(norm="l2", eps=eps, step_size=eps, steps=25, loss="ce",
-                    random_start=random_start)
+                    random_start=random_start, keep_fooling_point=False)
     res = attacks.pgd_attack(defense, x, y, keys_for(3), config=cfg)
     _, wd = margin_and_dir(params, x, y)
     expected = -eps * wd / np.linalg.norm(wd, axis=1, keepdims=True)
@@ -137,19 +138,19 @@ def test_compiles_once_per_structure():
     cfg = PGDConfig(norm="linf", eps=0.03, step_size=0.01, steps=3)
     attacks.pgd_attack(undefended(Partial(linear_logits, params)), x, y, keys_for(3),
                        config=cfg)
-    before = attacks.pgd.trace_count()
+    before = engine.run_program._cache_size()
     params2 = jax.tree.map(lambda a: a * 1.5, params)  # other weights, same shapes
     for eps in (0.01, 0.02, 0.05):  # other budgets, other data
         cfg_e = PGDConfig(norm="linf", eps=eps, step_size=eps / 3, steps=3)
         attacks.pgd_attack(undefended(Partial(linear_logits, params2)), x * 0.9, y,
                            keys_for(3, 7), config=cfg_e)
-    assert attacks.pgd.trace_count() == before
+    assert engine.run_program._cache_size() == before
 
 
 def test_loss_increases_on_linear_model():
     params, x, y = linear_problem()
     cfg = PGDConfig(norm="linf", eps=0.05, step_size=0.01, steps=6, random_start=False,
-                    return_trajectory=True)
+                    return_trajectory=True, keep_fooling_point=False)
     res = attacks.pgd_attack(undefended(Partial(linear_logits, params)), x, y, keys_for(3),
                              config=cfg)
     traj = np.asarray(res.loss_trajectory)
@@ -178,7 +179,7 @@ def test_bpda_gradient_is_classifier_gradient_at_purified_point():
     purified = defense.purify(x, keys)
     g_cls = jax.jit(jax.grad(
         lambda p: attacks.attack_loss(defense.logits_fn(p), y, "ce").sum()))(purified)
-    np.testing.assert_allclose(g, g_cls, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g, g_cls, rtol=1e-5, atol=1e-6)
     _, g_full, _ = loss_and_grad(defense, x, y, keys[None], loss="ce",
                                          gradient=Gradient("full"))
     assert not np.allclose(g, g_full)  # the purifier's Jacobian is not the identity

@@ -56,7 +56,8 @@ def test_fixed_evaluates_with_exactly_the_attacks_keys():
     fixed = np.asarray(out["fixed_keys"])
     attack = np.asarray(out["attack_keys"])  # [steps, K, B, 2]
     np.testing.assert_array_equal(attack, np.broadcast_to(fixed, attack.shape))
-    np.testing.assert_array_equal(out["eval_keys"], np.broadcast_to(fixed, (4,) + fixed.shape))
+    # Under Fixed every evaluation draw is the realization: one draw.
+    np.testing.assert_array_equal(out["eval_keys"], fixed[None])
     # The evaluation is exactly the attack's own verdict at its final point ...
     np.testing.assert_array_equal(out["adv_correct"], ~np.asarray(out["success"]))
     # ... and recomputing it under the recorded key gives the same.

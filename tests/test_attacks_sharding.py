@@ -26,14 +26,14 @@ import sys
 sys.path.insert(0, {here!r})
 import jax
 assert jax.local_device_count() == 8, jax.local_device_count()
-from diffjax.attacks import protocols
+from diffjax.attacks import evaluation
 import test_attacks_sharding as t
-orig, seen = protocols._core_jit, []
+orig, seen = evaluation.attack_and_evaluate_program, []
 def spy(*args, **kwargs):
-    out = orig(*args, **kwargs)
-    seen.append(len(out["adv_correct"].sharding.device_set))
-    return out
-protocols._core_jit = spy
+    res, ev = orig(*args, **kwargs)
+    seen.append(len(res.success.sharding.device_set))
+    return res, ev
+evaluation.attack_and_evaluate_program = spy
 t.evaluate({path!r}, {protocol!r})
 assert seen and all(s == 8 for s in seen), seen
 t.explicit_mesh_run({path!r} + ".explicit", {protocol!r})

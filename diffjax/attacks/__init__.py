@@ -1,19 +1,29 @@
 """Attacks under controlled randomness (the paper's Section 4).
 
-- `Gradient`: the gradient estimator through the purifier (`full`, `bpda`, `eot=K`).
-- `PGDConfig` / `pgd_attack`: l_inf and l_2 PGD as one `lax.scan` in one `jit`.
-- `APGDConfig` / `apgd_attack`: APGD-CE / APGD-DLR (Croce & Hein 2020).
-- `attack_and_evaluate`: an attack plus its evaluation under a randomness protocol
-  (`fixed`, `independent`, `transfer`; multi-draw accuracy).
+- Protocols (`diffjax.protocols`, re-exported): `Fixed()`, `Transfer(eval_draws=M)`,
+  `Independent(eot=K, eval_draws=M)`: who draws which purifier randomness, during the
+  attack and the test; they own every key derivation.
+- `Gradient`: the gradient estimator through the purifier (`full`, `bpda`; EOT is the
+  protocol's).
+- Attacks (frozen configs run by `diffjax.attacks.engine`, one `jit` each):
+  `PGDConfig` / `pgd_attack` (l_inf and l_2 PGD), `APGDConfig` / `apgd_attack` (APGD-CE,
+  APGD-DLR, APGD-T; Croce & Hein 2020).
+- `evaluate`: adversarial examples classified under one or several protocols (and the
+  purified images under the realization); `attack_and_evaluate`: an attack and its
+  evaluation in one program.
 - `gradient_correlation`: cosine between the EOT gradient and the fixed-randomness one.
 - `evaluate_dataset`: sharded, resumable robust-accuracy evaluation over batches.
-
-The key flow of every protocol is in `diffjax.attacks.streams` and
-`diffjax.attacks.protocols`.
 """
 
 from diffjax.attacks.apgd import APGDConfig, apgd_attack, checkpoint_schedule
+from diffjax.attacks.engine import AttackResult
 from diffjax.attacks.evaluate import evaluate_dataset, read_results, summarize
+from diffjax.attacks.evaluation import (
+    attack_and_evaluate,
+    evaluate,
+    gradient_correlation,
+    resolve_example_keys,
+)
 from diffjax.attacks.gradients import (
     Gradient,
     attack_loss,
@@ -22,23 +32,25 @@ from diffjax.attacks.gradients import (
     straight_through,
 )
 from diffjax.attacks.pgd import PGDConfig, PGDResult, pgd_attack, project
-from diffjax.attacks.protocols import (
-    attack_and_evaluate,
-    gradient_correlation,
-    resolve_example_keys,
-)
-from diffjax.attacks.streams import PROTOCOLS
+from diffjax.protocols import PROTOCOLS, Fixed, Independent, Protocol, Transfer, as_protocol
 
 __all__ = [
     "APGDConfig",
+    "AttackResult",
+    "Fixed",
     "Gradient",
+    "Independent",
     "PGDConfig",
     "PGDResult",
     "PROTOCOLS",
+    "Protocol",
+    "Transfer",
     "apgd_attack",
+    "as_protocol",
     "attack_and_evaluate",
     "attack_loss",
     "checkpoint_schedule",
+    "evaluate",
     "evaluate_dataset",
     "gradient_correlation",
     "loss_and_grad",

@@ -32,8 +32,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffjax import _checks, parallel
-from diffjax.attacks import _sharding, protocols, streams
+from diffjax import _checks, parallel, protocols, randomness
+from diffjax.attacks import engine, evaluation
 
 __all__ = ["evaluate_dataset", "read_results", "summarize"]
 
@@ -148,24 +148,23 @@ def evaluate_dataset(defense, batches, *, config, protocol: str, key, out_path,
     """
     from tqdm.auto import tqdm
 
-    _checks.check_choice(protocol, "protocol", streams.PROTOCOLS)
     _checks.check_choice(keys_from, "keys_from", ("ids", "content"))
     eval_draws = _checks.check_int(eval_draws, "eval_draws", lo=1)
-    protocols._attack_impl(config)
+    protocol = protocols.as_protocol(protocol, eval_draws=eval_draws)
+    if not hasattr(config, "init"):
+        _checks.fail("config", "an attack config (PGDConfig, APGDConfig, ...)",
+                     type(config).__name__)
     if mesh is None:
         mesh = parallel.data_mesh(jax.local_devices())
     if tuple(mesh.axis_names) != ("data",):
         _checks.fail("mesh", "a 1-D mesh with axis names ('data',)", mesh.axis_names)
-    mesh = _sharding.auto_mesh(mesh)
+    mesh = engine.auto_mesh(mesh)
     n_dev = mesh.devices.size
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    static, step = protocols._static_config(config)
-    meta = {"protocol": protocol, "config": repr(config), "eval_draws": eval_draws,
+    meta = {"protocol": protocol.name, "config": repr(config), "eval_draws": eval_draws,
             "keys_from": keys_from, "key": np.asarray(jax.random.key_data(key)).tolist()}
     defense_dev = jax.device_put(defense, replicated)
-    eps = jax.device_put(jnp.float32(config.eps), replicated)
-    step = jax.device_put(jnp.float32(step), replicated)
 
     f, records = _open_for_append(out_path, meta)
     done = {int(r["id"]) for r in records}
@@ -193,10 +192,8 @@ def evaluate_dataset(defense, batches, *, config, protocol: str, key, out_path,
             padded_size = max(padded_size, _round_up(len(ids), n_dev), _round_up(n, n_dev))
             pad = padded_size - n
             if keys_from == "ids":
-                ek = protocols._example_keys(key, jnp.asarray(bid))
+                ek = randomness.example_keys(key, jnp.asarray(bid))
             else:
-                from diffjax import randomness
-
                 ek = randomness.content_keys(key, jnp.asarray(x))
             ek_data = np.asarray(jax.random.key_data(ek))
             rep = np.zeros(pad, np.int64)  # pad with copies of the first example
@@ -206,10 +203,10 @@ def evaluate_dataset(defense, batches, *, config, protocol: str, key, out_path,
             if num_classes is None:
                 num_classes = defense.num_classes(jnp.asarray(x))
             _checks.check_labels(y, n, num_classes, "labels")
-            out = protocols._core_jit(
-                defense_dev, jax.device_put(xp, data_sharding), jax.device_put(yp, data_sharding),
-                jax.device_put(kp, data_sharding), eps, step, static=static,
-                protocol=protocol, eval_draws=eval_draws)
+            out = evaluation.attack_and_evaluate(
+                defense_dev, jax.device_put(xp, data_sharding),
+                jax.device_put(yp, data_sharding), jax.device_put(kp, data_sharding),
+                config=config, protocol=protocol)
             host = {k: np.asarray(out[k])[:n] for k in _FIELDS}
             lines = []
             for j in range(n):

@@ -15,10 +15,16 @@ respect to the input `x` (Athalye et al. 2018; the paper, Section 4):
 
 Losses (all to be *maximised* by the attack, per example):
 
-- ``ce``: cross-entropy `-log softmax(z)_y`;
+- ``ce``: cross-entropy `-log softmax(z)_y`, computed as
+  `m + log1p(expm1(-m) + sum_{j != y} exp(z_j - z_y - m))` with `m = max(0, max_j z_j - z_y)`:
+  for a confident example the naive `logsumexp(z) - z_y` rounds to exactly 0 in float32
+  (200 of the 277 correctly classified digits), so every comparison of losses (APGD's
+  checkpoints) ties; this form keeps the tiny value;
 - ``margin``: the Carlini-Wagner margin `max_{j != y} z_j - z_y` (> 0 iff misclassified);
 - ``dlr``: Croce & Hein's Difference of Logits Ratio
-  `-(z_y - max_{j != y} z_j) / (z_(1) - z_(3))` (needs at least 3 classes).
+  `-(z_y - max_{j != y} z_j) / (z_(1) - z_(3))` (needs at least 3 classes);
+- ``dlr_targeted``: the targeted DLR of APGD-T, `-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)`
+  for a target class `t` per example (needs at least 4 classes).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from diffjax import _checks
 __all__ = ["Gradient", "LOSSES", "attack_loss", "straight_through", "loss_and_grad",
            "per_draw_loss_and_grad"]
 
-LOSSES = ("ce", "margin", "dlr")
+LOSSES = ("ce", "margin", "dlr", "dlr_targeted")
 KINDS = ("full", "bpda")
 
 
@@ -43,7 +49,9 @@ class Gradient:
 
     Attributes:
       kind: "full" (exact, through every purification step) or "bpda" (identity backward).
-      eot: K >= 1, the number of purifier-randomness draws averaged per gradient.
+      eot: K >= 1, the number of purifier-randomness draws averaged per gradient. The
+        protocol owns K (`diffjax.protocols.Independent(eot=K)`); a K > 1 here together
+        with the protocol's name "independent" is the older spelling of the same thing.
       eot_batch_size: how many of the K draws run at once (`lax.map` batch size); None
         runs all K in one `vmap`. Bounds memory when K is large.
     """
@@ -59,13 +67,15 @@ class Gradient:
             _checks.check_int(self.eot_batch_size, "gradient.eot_batch_size", lo=1)
 
 
-def attack_loss(logits, labels, loss: str = "ce"):
+def attack_loss(logits, labels, loss: str = "ce", target=None):
     """Per-example attack loss `[B]` (to maximise) from logits `[B, C]` and labels `[B]`.
 
     Args:
       logits: `[B, C]` float logits.
       labels: `[B]` int32 class indices.
-      loss: "ce", "margin" (CW) or "dlr" (Croce & Hein 2020, Eq. 6).
+      loss: "ce", "margin" (CW), "dlr" (Croce & Hein 2020, Eq. 6) or "dlr_targeted"
+        (their targeted version, used by APGD-T).
+      target: `[B]` int32 target classes, for "dlr_targeted" only.
 
     Returns:
       `[B]` float32 losses.
@@ -76,14 +86,25 @@ def attack_loss(logits, labels, loss: str = "ce"):
     onehot = jax.nn.one_hot(labels, num_classes, dtype=bool)
     z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
     if loss == "ce":
-        return jax.nn.logsumexp(logits, axis=-1) - z_y
+        d = jnp.where(onehot, -jnp.inf, logits - z_y[:, None])  # z_j - z_y, j != y
+        m = jnp.maximum(jnp.max(d, axis=-1), 0.0)
+        rest = jnp.sum(jnp.exp(d - m[:, None]), axis=-1)
+        return m + jnp.log1p(jnp.expm1(-m) + rest)
+    top = jnp.sort(logits, axis=-1)
+    if loss == "dlr_targeted":
+        if num_classes < 4:
+            _checks.fail("loss", "'ce', 'margin' or 'dlr' for fewer than 4 classes "
+                         "(targeted DLR needs 4)", f"'dlr_targeted' with {num_classes} classes")
+        if target is None:
+            _checks.fail("target", "one target class per example for 'dlr_targeted'", None)
+        z_t = jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        return -(z_y - z_t) / (top[:, -1] - 0.5 * (top[:, -3] + top[:, -4]) + 1e-12)
     z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
     if loss == "margin":
         return z_other - z_y
     if num_classes < 3:
         _checks.fail("loss", "'ce' or 'margin' for fewer than 3 classes (DLR needs 3)",
                      f"'dlr' with {num_classes} classes")
-    top = jnp.sort(logits, axis=-1)
     return -(z_y - z_other) / (top[:, -1] - top[:, -3] + 1e-12)
 
 
@@ -104,17 +125,17 @@ def _st_bwd(_, g):
 straight_through.defvjp(_st_fwd, _st_bwd)
 
 
-def _single_loss(defense, x, y, keys, loss, kind):
+def _single_loss(defense, x, y, keys, loss, kind, target):
     if kind == "bpda":
         purified = straight_through(defense.purify_fn, x, keys)
     else:
         purified = defense.purify_fn(x, keys)
     logits = defense.logits_fn(purified)
-    losses = attack_loss(logits, y, loss)
+    losses = attack_loss(logits, y, loss, target)
     return jnp.sum(losses), (losses, logits)
 
 
-def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient):
+def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient, target=None):
     """The attack loss and its estimated input gradient, averaged over randomness draws.
 
     Examples are independent (the purifier and the classifier act per example), so the
@@ -125,8 +146,9 @@ def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient):
       x: `[B,H,W,C]` images in [0, 1].
       y: `[B]` int32 labels.
       draw_keys: `[K, B]` purifier keys, one row per EOT draw (K = `gradient.eot`).
-      loss: "ce", "margin" or "dlr".
-      gradient: the estimator (`Gradient(kind, eot)`).
+      loss: one of `LOSSES`.
+      gradient: the estimator (`Gradient(kind)`; K is the number of rows of `draw_keys`).
+      target: `[B]` target classes for "dlr_targeted".
 
     Returns:
       `(losses [B], grads [B,H,W,C], logits [B, C])`: the loss and gradient averaged over
@@ -134,16 +156,18 @@ def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient):
     """
     if draw_keys.shape[0] == 1:
         grad_fn = jax.grad(_single_loss, argnums=1, has_aux=True)
-        g, (losses, logits) = grad_fn(defense, x, y, draw_keys[0], loss, gradient.kind)
+        g, (losses, logits) = grad_fn(defense, x, y, draw_keys[0], loss, gradient.kind,
+                                      target)
         return losses, g, logits
     losses, g, logits = per_draw_loss_and_grad(defense, x, y, draw_keys, loss=loss,
                                                kind=gradient.kind,
-                                               eot_batch_size=gradient.eot_batch_size)
+                                               eot_batch_size=gradient.eot_batch_size,
+                                               target=target)
     return jnp.mean(losses, axis=0), jnp.mean(g, axis=0), logits[0]
 
 
 def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss: str, kind: str,
-                           eot_batch_size: int | None = None):
+                           eot_batch_size: int | None = None, target=None):
     """The loss and input gradient under each of K randomness draws, not averaged.
 
     Args:
@@ -151,10 +175,11 @@ def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss: str, kind: str,
       x: `[B,H,W,C]` images in [0, 1].
       y: `[B]` int32 labels.
       draw_keys: `[K, B]` purifier keys, one row per draw.
-      loss: "ce", "margin" or "dlr".
+      loss: one of `LOSSES`.
       kind: "full" or "bpda".
       eot_batch_size: draws computed at once (`lax.map` batch size); None: all K in one
         `vmap`.
+      target: `[B]` target classes for "dlr_targeted".
 
     Returns:
       `(losses [K, B], grads [K, B, H, W, C], logits [K, B, C])`.
@@ -162,7 +187,7 @@ def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss: str, kind: str,
     grad_fn = jax.grad(_single_loss, argnums=1, has_aux=True)
 
     def one(keys):
-        g, (losses, logits) = grad_fn(defense, x, y, keys, loss, kind)
+        g, (losses, logits) = grad_fn(defense, x, y, keys, loss, kind, target)
         return losses, g, logits
 
     if eot_batch_size is None:

@@ -1,36 +1,42 @@
 """Projected gradient descent (Madry et al. 2018) against a randomized defense.
 
-The whole attack is one `lax.scan` over iterations inside one `jit`. The jitted program
-depends only on the *structure* of the attack (norm, steps, loss, gradient estimator,
-protocol, shapes); `eps` and `step_size` are traced arguments, so sweeping the budget
-reuses one compiled program, and so does swapping the defense's weights (a `Defense` is a
-pytree whose weights are leaves).
+The whole attack is one `lax.scan` over iterations inside one `jit`
+(`diffjax.attacks.engine`). The program depends only on the *structure* of the attack
+(norm, steps, loss, gradient estimator, protocol, shapes); `eps` and `step_size` are traced
+(scalars or one per example), so sweeping the budget reuses one compiled program, and so
+does swapping the defense's weights (a `Defense` is a pytree whose weights are leaves).
 
-The purifier randomness at iteration i is `streams.attack_draw_keys(protocol, k, i, K)`:
-a function of (protocol, example key, iteration) only. The attack returns its last
-iterate (Madry et al.'s PGD; for the paper's PGD-EOT, Lee & Kim 2023, likewise).
+The purifier randomness at iteration i is `protocol.attack_keys(k, i)`
+(`diffjax.protocols`): a function of (protocol, example key, iteration) only.
+
+What is returned: Madry et al.'s PGD returns its last iterate, which can even un-fool an
+example the attack had fooled along the way. When the protocol attacks the example's
+realization (`Fixed`, `Transfer`), success is deterministic, so by default
+(`keep_fooling_point=True`) an example keeps the first iterate that fooled it and moves no
+further: the attack is at least as strong as the last-iterate one on every example (an
+example fooled by the last iterate was either never fooled before, and then followed the
+same path, or was fooled earlier and kept that point), and a driver may stop attacking it
+(`diffjax.attacks.cascade`). Under fresh draws (`Independent`) "fooled once" is not
+deterministic, and the last iterate is returned.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from diffjax import _checks
-from diffjax.attacks import _sharding, gradients, streams
+from diffjax import _checks, protocols
+from diffjax.attacks import engine, gradients
+from diffjax.attacks.engine import AttackResult, bcast, flat_norm
 
-__all__ = ["PGDConfig", "PGDResult", "pgd_attack", "NORMS", "project", "trace_count"]
+__all__ = ["PGDConfig", "PGDResult", "pgd_attack", "NORMS", "project", "normalize",
+           "random_start"]
 
 NORMS = ("linf", "l2")
-_TRACES = {"pgd": 0}
 
-
-def trace_count() -> int:
-    """How many times the jitted PGD program has been traced (compiled) in this process."""
-    return _TRACES["pgd"]
+PGDResult = AttackResult  # the name before every attack shared one result type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +49,12 @@ class PGDConfig:
       step_size: the step length (l_inf: per-pixel sign step; l2: along the unit gradient).
       steps: the number of iterations, >= 1.
       random_start: start at a uniform point of the eps-ball (else at x).
-      loss: "ce", "margin" (CW) or "dlr".
-      gradient: the gradient estimator (`Gradient(kind="full"|"bpda", eot=K)`).
+      loss: "ce", "margin" (CW), "dlr" or "dlr_targeted" (see `gradients.attack_loss`).
+      gradient: the gradient estimator (`Gradient(kind="full"|"bpda")`; EOT is the
+        protocol's: `Independent(eot=K)`).
+      keep_fooling_point: under a protocol that attacks the realization, keep the first
+        iterate that fools an example (module docstring); False returns the last iterate
+        (as torchattacks and Madry et al. do).
       return_trajectory: also return the loss `[steps, B]` and the purifier keys used at
         each iteration (`[steps, K, B]` key data).
     """
@@ -56,6 +66,7 @@ class PGDConfig:
     random_start: bool = True
     loss: str = "ce"
     gradient: gradients.Gradient = gradients.Gradient()
+    keep_fooling_point: bool = True
     return_trajectory: bool = False
 
     def __post_init__(self):
@@ -69,38 +80,43 @@ class PGDConfig:
         if not isinstance(self.gradient, gradients.Gradient):
             _checks.fail("gradient", "a diffjax.attacks.Gradient", repr(self.gradient))
 
+    # -- the engine's interface (diffjax.attacks.engine) ----------------------------
 
-class PGDResult(NamedTuple):
-    """Per-example PGD results (a pytree).
+    def _freezes(self, protocol) -> bool:
+        return self.keep_fooling_point and protocol.attack_stream == "realization"
 
-    Attributes:
-      x_adv: `[B,H,W,C]` adversarial images in [0, 1], inside the eps-ball around x.
-      success: `[B]` bool, misclassified at `x_adv` under the attack's own randomness
-        (the key of iteration `steps`; under `fixed`, the example's fixed key).
-      linf: `[B]` the l_inf norm of `x_adv - x`.
-      l2: `[B]` the l_2 norm of `x_adv - x`.
-      loss_trajectory: `[steps, B]` the attack loss at each iterate (EOT mean), or None.
-      key_trajectory: `[steps, K, B, ...]` uint32 key data of the purifier keys of each
-        iteration, or None.
-    """
+    def init(self, ctx, protocol, x, y):
+        del protocol, y
+        if self.random_start:
+            x0 = random_start(protocols.start_keys(ctx.example_keys), x, ctx.eps, self.norm)
+        else:
+            x0 = x
+        return {"x": x0, "fooled": jnp.zeros(x.shape[0], bool)}
 
-    x_adv: jax.Array
-    success: jax.Array
-    linf: jax.Array
-    l2: jax.Array
-    loss_trajectory: jax.Array | None = None
-    key_trajectory: jax.Array | None = None
+    def step(self, ctx, protocol, x, y, state, i):
+        keys = protocol.attack_keys(ctx.example_keys, i)
+        losses, g, logits = gradients.loss_and_grad(ctx.defense, state["x"], y, keys,
+                                                    loss=self.loss, gradient=self.gradient)
+        moved = project(state["x"] + bcast(ctx.step_size, g) * normalize(g, self.norm), x,
+                        ctx.eps, self.norm)
+        if self._freezes(protocol):
+            # logits are draw 0's at the current iterate: the realization's.
+            fooled = state["fooled"] | (jnp.argmax(logits, axis=-1) != y)
+            x_new = jnp.where(bcast(fooled, x), state["x"], moved)
+        else:
+            fooled, x_new = state["fooled"], moved
+        record = (losses, jax.random.key_data(keys)) if self.return_trajectory else None
+        return {"x": x_new, "fooled": fooled}, record
 
+    def finish(self, ctx, protocol, x, y, state, records):
+        final_keys = protocol.attack_keys(ctx.example_keys, jnp.uint32(self.steps))[0]
+        wrong = jnp.argmax(ctx.defense.logits(state["x"], final_keys), axis=-1) != y
+        success = wrong | state["fooled"] if self._freezes(protocol) else wrong
+        loss_traj, key_traj = records if records is not None else (None, None)
+        return engine.result_of(x, state["x"], success, loss_traj, key_traj)
 
-def _flat_norm(v, ord_):
-    flat = v.reshape(v.shape[0], -1)
-    if ord_ == "linf":
-        return jnp.max(jnp.abs(flat), axis=-1)
-    return jnp.sqrt(jnp.sum(flat * flat, axis=-1))
-
-
-def _bcast(v, like):
-    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+    def fooled(self, state):
+        return state["fooled"]
 
 
 def project(x_adv, x, eps, norm: str):
@@ -119,12 +135,14 @@ def project(x_adv, x, eps, norm: str):
       `[B,H,W,C]` projected points.
     """
     delta = x_adv - x
+    eps = jnp.asarray(eps, delta.dtype)
+    if eps.ndim == 1:
+        eps = bcast(eps, delta)
     if norm == "linf":
         delta = jnp.clip(delta, -eps, eps)
     else:
-        n = _flat_norm(delta, "l2")
-        scale = jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
-        delta = delta * _bcast(scale, delta)
+        n = bcast(flat_norm(delta, "l2"), delta)
+        delta = delta * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
     return jnp.clip(x + delta, 0.0, 1.0)
 
 
@@ -132,43 +150,28 @@ def normalize(g, norm: str):
     """The steepest-ascent direction of unit `norm`: sign(g) (l_inf) or g / ||g||_2 (l2)."""
     if norm == "linf":
         return jnp.sign(g)
-    return g / _bcast(_flat_norm(g, "l2") + 1e-12, g)
+    return g / bcast(flat_norm(g, "l2") + 1e-12, g)
 
 
 def random_start(keys, x, eps, norm: str):
-    """A uniform point of the eps-ball around each `x`, clipped to [0, 1] (per-example keys)."""
+    """A uniform point of the eps-ball around each `x`, clipped to [0, 1] (per-example keys;
+    `eps` a scalar or `[B]`)."""
+    eps_b = jnp.broadcast_to(jnp.asarray(eps, x.dtype), (x.shape[0],))
 
-    def one(k, xi):
+    def one(k, xi, e):
         if norm == "linf":
-            return jax.random.uniform(k, xi.shape, minval=-1.0, maxval=1.0) * eps
+            return jax.random.uniform(k, xi.shape, minval=-1.0, maxval=1.0) * e
         k1, k2 = jax.random.split(k)
         g = jax.random.normal(k1, xi.shape)
         r = jax.random.uniform(k2) ** (1.0 / xi.size)
-        return g / (jnp.linalg.norm(g.ravel()) + 1e-12) * r * eps
+        return g / (jnp.linalg.norm(g.ravel()) + 1e-12) * r * e
 
-    delta = jax.vmap(one)(keys, x)
-    return project(x + delta, x, eps, norm)
-
-
-def _validate(defense, x, y, example_keys, protocol, gradient):
-    from diffjax.defense import Defense
-
-    if not isinstance(defense, Defense):
-        _checks.fail("defense", "a diffjax.defense.Defense", type(defense).__name__,
-                     "wrap a classifier with diffjax.defense.undefended(logits_fn)")
-    _checks.check_images(x, "x")
-    b = x.shape[0]
-    _checks.check_labels(y, b, defense.num_classes(x), "y")
-    example_keys = _checks.check_keys(example_keys, b, "example_keys")
-    _checks.check_choice(protocol, "protocol", streams.PROTOCOLS)
-    if protocol != "independent" and gradient.eot != 1:
-        _checks.fail("gradient.eot", f"1 under protocol {protocol!r} (one fixed randomness "
-                     "per example: every EOT draw would be the same)", gradient.eot,
-                     "use protocol='independent' for EOT over fresh draws")
-    return example_keys
+    delta = jax.vmap(one)(keys, x, eps_b)
+    return project(x + delta, x, eps_b, norm)
 
 
-def pgd_attack(defense, x, y, example_keys, *, config: PGDConfig, protocol: str = "fixed"):
+def pgd_attack(defense, x, y, example_keys, *, config: PGDConfig, protocol="fixed",
+               eps=None, step_size=None):
     """Runs PGD against `defense` under a randomness protocol.
 
     Args:
@@ -177,49 +180,15 @@ def pgd_attack(defense, x, y, example_keys, *, config: PGDConfig, protocol: str 
       y: `[B]` int32 labels.
       example_keys: `[B]` typed keys, one per example (from its id or clean content).
       config: the attack (`PGDConfig`).
-      protocol: "fixed", "independent" or "transfer" (the attack side of it: `transfer`
-        attacks like `fixed`); see `diffjax.attacks.streams` for the key flow.
+      protocol: a `diffjax.protocols.Protocol` (`Fixed()`, `Transfer(M)`,
+        `Independent(eot=K)`) or its name; `Transfer` attacks like `Fixed`.
+      eps: overrides `config.eps`: a number or one budget per example `[B]` (traced).
+      step_size: overrides `config.step_size` likewise.
 
     Returns:
-      A `PGDResult`.
+      An `AttackResult` (alias `PGDResult`).
     """
     if not isinstance(config, PGDConfig):
         _checks.fail("config", "a PGDConfig", type(config).__name__)
-    example_keys = _validate(defense, x, y, example_keys, protocol, config.gradient)
-    static = dataclasses.replace(config, eps=0.0, step_size=0.0)
-    like = x
-    defense, x, y, example_keys = _sharding.to_auto((defense, x, y, example_keys))
-    out = _pgd_jit(defense, x, jnp.asarray(y, jnp.int32), example_keys,
-                   jnp.float32(config.eps), jnp.float32(config.step_size),
-                   static=static, protocol=protocol)
-    return _sharding.restore(out, like)
-
-
-def _pgd_impl(defense, x, y, example_keys, eps, step_size, *, static: PGDConfig, protocol):
-    _TRACES["pgd"] += 1
-    cfg = static
-    num_draws = cfg.gradient.eot
-    if cfg.random_start:
-        x0 = random_start(streams.start_keys(example_keys), x, eps, cfg.norm)
-    else:
-        x0 = x
-
-    def body(x_adv, i):
-        draw_keys = streams.attack_draw_keys(protocol, example_keys, i, num_draws)
-        losses, g, _ = gradients.loss_and_grad(defense, x_adv, y, draw_keys, loss=cfg.loss,
-                                               gradient=cfg.gradient)
-        x_new = project(x_adv + step_size * normalize(g, cfg.norm), x, eps, cfg.norm)
-        out = (losses, jax.random.key_data(draw_keys)) if cfg.return_trajectory else None
-        return x_new, out
-
-    x_adv, traj = jax.lax.scan(body, x0, jnp.arange(cfg.steps, dtype=jnp.uint32))
-    final_keys = streams.attack_draw_keys(protocol, example_keys, jnp.uint32(cfg.steps), 1)[0]
-    logits = defense.logits(x_adv, final_keys)
-    success = jnp.argmax(logits, axis=-1) != y
-    delta = x_adv - x
-    loss_traj, key_traj = traj if cfg.return_trajectory else (None, None)
-    return PGDResult(x_adv, success, _flat_norm(delta, "linf"), _flat_norm(delta, "l2"),
-                     loss_traj, key_traj)
-
-
-_pgd_jit = jax.jit(_pgd_impl, static_argnames=("static", "protocol"))
+    return engine.run(config, defense, x, y, example_keys, protocol, eps=eps,
+                      step_size=step_size)
