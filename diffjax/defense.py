@@ -15,6 +15,8 @@ function itself is then static, compared by identity).
 
 Example::
 
+    from diffjax.diffusion import linear_schedule, make_purifier
+
     purifier = make_purifier(model.eps_fn, schedule=linear_schedule(), t_star=100,
                              method="ddpm", num_steps=10)
     defense = Defense(purifier, classifier.logits_fn)
@@ -24,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -126,64 +127,8 @@ def undefended(logits_fn: Callable) -> Defense:
     return Defense(identity_purifier, logits_fn)
 
 
-@dataclasses.dataclass(frozen=True)
-class _ChainPurify:
-    """The static part of a diffusion purifier (hashable, so jit caches by value): `remat`.
+def make_purifier(eps_fn: Callable, **kwargs) -> Partial:
+    """`diffjax.diffusion.make_purifier` (the one purifier constructor), kept here too."""
+    from diffjax.diffusion import purifier  # lazily: `import diffjax.defense` stays cheap
 
-    The method, `t_star` and the schedule are in the `Chain`'s arrays (pytree leaves), so
-    purifiers that differ only in them share one compiled attack.
-    """
-
-    remat: bool
-
-    def __call__(self, eps_fn, chain, x, keys):
-        from diffjax.diffusion import samplers  # lazily: `import diffjax.defense` stays cheap
-
-        return samplers._run_chain(eps_fn, x, keys, chain, remat=self.remat)
-
-
-def make_purifier(
-    eps_fn: Callable,
-    *,
-    schedule,
-    t_star: int,
-    method: str = "ddpm",
-    num_steps: int | None = None,
-    remat: bool = True,
-    clip_denoised: bool = True,
-    length: int | None = None,
-) -> Partial:
-    """A diffusion purifier `purify_fn(x, keys) -> x'` for `Defense` (DiffPure, Section 3).
-
-    Wraps `diffjax.diffusion.run_chain` so that the eps-model's weights (when `eps_fn` is a
-    `Partial` holding them) and the chain's coefficients (`diffjax.diffusion.make_chain`:
-    the schedule, `t_star` and the method as arrays) are pytree leaves, traced under jit:
-    purifiers with the same number of steps share one compiled program whatever their
-    method and `t_star` (only `num_steps`, through the arrays' length, and `remat` are
-    static).
-
-    Args:
-      eps_fn: `(x_t [B,H,W,C] in [-1, 1], t int32 [B]) -> eps`; a `Partial` holding weights,
-        or a plain function (then its closed-over weights are constants under jit).
-      schedule: the diffusion schedule pytree (`diffjax.diffusion.linear_schedule()`).
-      t_star: the purification timestep k in [1, T] (the paper's t* = 0.1 T).
-      method: "ddpm", "reverse_only", "ddim", "reverse_only_ddim" or "sde".
-      num_steps: reverse steps over [0, t_star) (respaced); None means `t_star` steps.
-      remat: checkpoint each reverse step (memory flat in the step count under `grad`).
-      clip_denoised: clip the predicted x0 to [-1, 1] at every step.
-      length: pad the chain with identity steps to this many steps (see
-        `diffjax.diffusion.make_chain`), so that purifiers with fewer steps share the
-        compiled program of the longest.
-
-    Returns:
-      A `Partial` `purify_fn(x [B,H,W,C] in [0, 1], keys [B]) -> [B,H,W,C] in [0, 1]`.
-    """
-    from diffjax.diffusion import samplers
-
-    t_star = _checks.check_int(t_star, "t_star", lo=1)
-    if num_steps is not None:
-        num_steps = _checks.check_int(num_steps, "num_steps", lo=1, hi=t_star)
-    _checks.check_choice(method, "method", samplers.METHODS)
-    chain = samplers.make_chain(schedule, t_star=t_star, method=method, num_steps=num_steps,
-                                clip_denoised=clip_denoised, length=length)
-    return Partial(_ChainPurify(bool(remat)), _as_partial(eps_fn, "eps_fn"), chain)
+    return purifier.make_purifier(eps_fn, **kwargs)

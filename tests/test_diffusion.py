@@ -263,12 +263,12 @@ def test_compiles_once_per_configuration():
         return 0.1 * x
 
     kw = dict(schedule=SCHED, t_star=40, method="ddpm", num_steps=4)
-    before = samplers._run_chain._cache_size()
+    before = samplers.run_chain_program._cache_size()
     for seed in range(3):
         diffusion.purify(eps_fn, images(seed), keys_for([seed, 1, 2]), **kw)
-    assert samplers._run_chain._cache_size() == before + 1
+    assert samplers.run_chain_program._cache_size() == before + 1
     diffusion.purify(eps_fn, images(0), keys_for([0, 1, 2]), **{**kw, "num_steps": 5})
-    assert samplers._run_chain._cache_size() == before + 2
+    assert samplers.run_chain_program._cache_size() == before + 2
 
 
 def test_methods_and_t_stars_share_one_program():
@@ -276,11 +276,11 @@ def test_methods_and_t_stars_share_one_program():
     def eps_fn(x, t):
         return 0.1 * x
 
-    before = samplers._run_chain._cache_size()
+    before = samplers.run_chain_program._cache_size()
     outs = [diffusion.purify(eps_fn, images(), keys_for([0, 1, 2]), schedule=SCHED,
                              t_star=t, method=m, num_steps=4)
             for m in diffusion.METHODS for t in (10, 60)]
-    assert samplers._run_chain._cache_size() == before + 1
+    assert samplers.run_chain_program._cache_size() == before + 1
     flat = [np.asarray(o).ravel() for o in outs]
     assert min(np.abs(a - b).max() for i, a in enumerate(flat) for b in flat[i + 1:]) > 1e-4
 
@@ -335,10 +335,10 @@ def test_pretrained_style_partial_eps_fn_traces_weights():
     x = images()
     keys = keys_for([0, 1, 2])
     kw = dict(schedule=SCHED, t_star=20, num_steps=4, method="reverse_only_ddim")
-    before = samplers._run_chain._cache_size()
+    before = samplers.run_chain_program._cache_size()
     outs = [diffusion.purify(jax.tree_util.Partial(apply, jnp.float32(w)), x, keys, **kw)
             for w in (0.1, 0.5)]
-    assert samplers._run_chain._cache_size() == before + 1  # new weights, no recompile
+    assert samplers.run_chain_program._cache_size() == before + 1  # new weights, no recompile
     assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-4
 
 
@@ -375,3 +375,36 @@ def test_bad_input_raises_clear_errors(change, match):
 def test_key_count_mismatch():
     with pytest.raises(ValueError, match=r"keys: expected one key per example, shape \(3,\)"):
         diffusion.purify(smooth_eps_fn, images(), keys_for([0, 1]), schedule=SCHED, t_star=5)
+
+
+def test_straight_through_clips_keep_the_forward_pass_and_pass_gradients():
+    # A strong eps-model saturates the x0 clip and the output clip: the hard clips zero
+    # those pixels' gradients, straight-through clips pass them; the images are equal.
+    x = jnp.asarray(np.random.default_rng(5).uniform(0, 1, (3, 4, 4, 1)), jnp.float32)
+    keys = randomness.example_keys(jax.random.key(0), jnp.arange(3))
+    strong = lambda x_t, t: -4.0 * x_t
+    kw = dict(schedule=diffusion.linear_schedule(), t_star=50, method="ddpm", num_steps=3)
+    hard = diffusion.make_purifier(strong, **kw)
+    st = diffusion.make_purifier(strong, clip_gradient="straight_through", **kw)
+    np.testing.assert_array_equal(hard(x, keys), st(x, keys))
+    g = lambda p: jax.grad(lambda v: jnp.sum(p(v, keys)))(x)
+    g_hard, g_st = np.asarray(g(hard)), np.asarray(g(st))
+    assert np.all(np.isfinite(g_st))
+    assert np.sum(g_hard == 0) > np.sum(g_st == 0)
+    with pytest.raises(ValueError, match="clip_gradient"):
+        diffusion.make_purifier(strong, clip_gradient="soft", **kw)
+
+
+def test_purifier_at_another_resolution_resizes_in_and_out():
+    x = jnp.asarray(np.random.default_rng(6).uniform(0, 1, (2, 4, 4, 1)), jnp.float32)
+    keys = randomness.example_keys(jax.random.key(1), jnp.arange(2))
+    kw = dict(schedule=diffusion.linear_schedule(), t_star=20, method="ddim", num_steps=2)
+    pur = diffusion.make_purifier(smooth_eps_fn, resolution=8, **kw)
+    out = pur(x, keys)
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    up = jnp.clip(jax.image.resize(x, (2, 8, 8, 1), "bilinear"), 0, 1)
+    inner = diffusion.purify(smooth_eps_fn, up, keys, **kw)
+    np.testing.assert_allclose(out, jnp.clip(jax.image.resize(inner, x.shape, "bilinear"), 0, 1),
+                               atol=1e-6)
+    grad = jax.grad(lambda v: jnp.sum(pur(v, keys) ** 2))(x)
+    assert grad.shape == x.shape and np.all(np.isfinite(grad))

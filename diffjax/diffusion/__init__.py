@@ -1,6 +1,8 @@
 """Schedules, the forward process and diffusion purifiers (API.md: `diffjax.diffusion`)."""
 
+from diffjax.diffusion.purifier import ChainPurifier, make_purifier
 from diffjax.diffusion.samplers import (
+    CLIP_GRADIENTS,
     METHODS,
     Chain,
     make_chain,
@@ -19,14 +21,17 @@ from diffjax.diffusion.schedules import (
 )
 
 __all__ = [
+    "CLIP_GRADIENTS",
     "METHODS",
     "Chain",
+    "ChainPurifier",
     "Schedule",
     "VPSDE",
     "cosine_schedule",
     "from_model_space",
     "linear_schedule",
     "make_chain",
+    "make_purifier",
     "purify",
     "q_sample",
     "respaced_timesteps",

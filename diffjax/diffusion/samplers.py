@@ -33,11 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import _checks
-from diffjax.diffusion.schedules import Schedule, from_model_space, to_model_space
+from diffjax.diffusion.schedules import VPSDE, Schedule, from_model_space, to_model_space
 
-__all__ = ["METHODS", "Chain", "make_chain", "purify", "respaced_timesteps", "run_chain"]
+__all__ = ["METHODS", "CLIP_GRADIENTS", "Chain", "make_chain", "purify", "respaced_timesteps",
+           "run_chain", "run_chain_program"]
 
 METHODS = ("ddpm", "reverse_only", "ddim", "reverse_only_ddim", "sde")
+# How the gradient passes the purifier's two clips (the predicted x0 to [-1, 1] at each
+# discrete step, the output to [0, 1]): "hard" is the derivative of the clip (zero where
+# it saturates), "straight_through" the identity (the forward pass is unchanged).
+CLIP_GRADIENTS = ("hard", "straight_through")
 
 
 def respaced_timesteps(t_star: int, num_steps: int) -> np.ndarray:
@@ -150,10 +155,10 @@ def make_chain(schedule: Schedule, *, t_star: int, method: str = "ddpm",
     abar_all = xp.asarray(schedule.alphas_cumprod, ftype)
     zeros = np.zeros(num_steps)
     if method == "sde":
-        # DiffPure: VP-SDE forward to t0 = t*/T, reverse Euler-Maruyama back to 0.
-        bmin, bmax = betas[0] * T, betas[-1] * T
-        beta = lambda t: bmin + t * (bmax - bmin)
-        mean = lambda t: xp.exp(-0.25 * t**2 * (bmax - bmin) - 0.5 * t * bmin)
+        # DiffPure: the VP-SDE of this schedule (schedules.VPSDE) forward to t0 = t*/T, then
+        # reverse Euler-Maruyama back to 0.
+        sde = VPSDE(beta_min=betas[0] * T, beta_max=betas[-1] * T, N=T)
+        mean = lambda t: xp.exp(sde.log_mean_coef(t))
         t0 = t_star / T
         dt = t0 / num_steps
         ks = np.arange(num_steps)
@@ -163,7 +168,7 @@ def make_chain(schedule: Schedule, *, t_star: int, method: str = "ddpm",
         tt = times.astype(np.float64)
         m0 = mean(t0)
         std = xp.sqrt(1.0 - mean(tt) ** 2)
-        b = beta(tt)
+        b = sde.beta(tt)
         # x + (1/2 beta x + beta score) dt + sqrt(beta dt) z, score = -eps / std(t).
         parts = dict(x_scale=m0, noise_scale=xp.sqrt(1.0 - m0**2), t=idx,
                      noise_index=(ks + 1).astype(np.int32), eps_x0=zeros, x0_scale=zeros,
@@ -214,8 +219,16 @@ def make_chain(schedule: Schedule, *, t_star: int, method: str = "ddpm",
     return Chain(**out)
 
 
-@functools.partial(jax.jit, static_argnames=("remat",))
-def _run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool):
+def _clip(x, lo, hi, clip_gradient: str):
+    clipped = jnp.clip(x, lo, hi)
+    if clip_gradient == "straight_through":
+        return x + jax.lax.stop_gradient(clipped - x)
+    return clipped
+
+
+@functools.partial(jax.jit, static_argnames=("remat", "clip_gradient"))
+def run_chain_program(eps_fn, x, keys, chain: Chain, *, remat: bool, clip_gradient: str):
+    """`run_chain`'s compiled program (no input checks): one per structure."""
     xm = to_model_space(x)
     x_t = chain.x_scale * xm + chain.noise_scale * _per_example_normal(
         keys, 0, xm.shape[1:], xm.dtype)
@@ -224,7 +237,7 @@ def _run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool):
     def step(x, c):
         eps = _call_eps(eps_fn, x, jnp.full((batch,), c.t, jnp.int32))
         x0 = (x - c.eps_x0 * eps) * c.x0_scale
-        x0 = jnp.where(c.clip, jnp.clip(x0, -1.0, 1.0), x0)
+        x0 = jnp.where(c.clip, _clip(x0, -1.0, 1.0, clip_gradient), x0)
         noise = _per_example_normal(keys, c.noise_index, x.shape[1:], x.dtype)
         return c.c_x0 * x0 + c.c_x * x + c.c_eps * eps + c.c_noise * noise, None
 
@@ -233,10 +246,10 @@ def _run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool):
     per_step = chain._replace(x_scale=jnp.zeros(chain.num_steps),
                               noise_scale=jnp.zeros(chain.num_steps))
     out, _ = jax.lax.scan(step, x_t, per_step)
-    return jnp.clip(from_model_space(out), 0.0, 1.0)
+    return _clip(from_model_space(out), 0.0, 1.0, clip_gradient)
 
 
-def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True):
+def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradient: str = "hard"):
     """Purifies `x` with a ready `Chain` (`make_chain`); `purify` is this plus `make_chain`.
 
     The compiled program depends on the shapes, `eps_fn`'s structure, `remat` and the
@@ -248,6 +261,7 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True):
       keys: `[B]` typed PRNG keys, one per example.
       chain: the chain's coefficients.
       remat: checkpoint each step (see `purify`).
+      clip_gradient: one of `CLIP_GRADIENTS` (see `purify`).
 
     Returns:
       The purified images, `[B, H, W, C]` in [0, 1].
@@ -257,7 +271,9 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True):
     if not isinstance(chain, Chain):
         _checks.fail("chain", "a diffjax.diffusion.Chain (from make_chain)",
                      type(chain).__name__)
-    return _run_chain(_as_eps_partial(eps_fn), x, keys, chain, remat=bool(remat))
+    _checks.check_choice(clip_gradient, "clip_gradient", CLIP_GRADIENTS)
+    return run_chain_program(_as_eps_partial(eps_fn), x, keys, chain, remat=bool(remat),
+                             clip_gradient=clip_gradient)
 
 
 def _as_eps_partial(eps_fn):
@@ -279,6 +295,7 @@ def purify(
     num_steps: int | None = None,
     remat: bool = True,
     clip_denoised: bool = True,
+    clip_gradient: str = "hard",
 ):
     """Purifies a batch of images with a diffusion model (API.md, `diffjax.diffusion`).
 
@@ -305,12 +322,15 @@ def purify(
         differentiating; costs one extra forward per step on the backward pass).
       clip_denoised: clip the predicted x0 to [-1, 1] at each discrete step (Ho et al.'s
         sampler); not used by `"sde"`.
+      clip_gradient: how a gradient passes the clips (of x0, and of the output to
+        [0, 1]): "hard" (their derivative: zero where they saturate) or
+        "straight_through" (the identity; the purified images are unchanged). A
+        gradient-masking check: if an attack finds more with straight-through clips,
+        the hard clips were hiding the gradient.
 
     Returns:
       The purified images, `[B, H, W, C]` in [0, 1].
     """
-    _checks.check_images(x, "x")
-    keys = _checks.check_keys(keys, x.shape[0])
     chain = make_chain(schedule, t_star=t_star, method=method, num_steps=num_steps,
                        clip_denoised=clip_denoised)
-    return _run_chain(_as_eps_partial(eps_fn), x, keys, chain, remat=bool(remat))
+    return run_chain(eps_fn, x, keys, chain, remat=remat, clip_gradient=clip_gradient)
