@@ -320,3 +320,77 @@ def test_input_errors(dense_map):
         metrics.jacobian_singular_values(lambda x: x / 0.0, x0)
     with pytest.raises(ValueError, match="^k: "):
         metrics.jacobian_top_singular_values(f, x0, 49)
+
+
+def _conv_eps(w, x_t, t):
+    del t
+    return jnp.tanh(jax.lax.conv_general_dilated(
+        x_t, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+
+def _linear_head(h, x):
+    return x.reshape(x.shape[0], -1) @ h
+
+
+def _tiny_defense(scale):
+    """A DDPM purifier over a tiny conv eps-model (weights in a Partial) + a linear head."""
+    from jax.tree_util import Partial
+
+    from diffjax import diffusion
+    from diffjax.defense import Defense
+
+    w = scale * jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 1, 1)), jnp.float32)
+    pur = diffusion.make_purifier(Partial(_conv_eps, w), schedule=diffusion.linear_schedule(),
+                                  t_star=40, method="ddpm", num_steps=3)
+    head = jnp.asarray(np.random.default_rng(2).normal(size=(16, 3)), jnp.float32)
+    return Defense(pur, Partial(_linear_head, head))
+
+
+def test_batched_purifier_with_keys_is_the_jacobian_of_the_fixed_realization():
+    """The README's one-liner equals the RMS singular value of the Jacobian of exactly the
+    random map the Fixed attack differentiates (its keys at every iteration)."""
+    from diffjax import protocols, randomness
+
+    defense = _tiny_defense(0.5)
+    x = jnp.asarray(np.random.default_rng(3).uniform(0.2, 0.8, (3, 4, 4, 1)), jnp.float32)
+    ek = randomness.example_keys(jax.random.key(5), jnp.arange(3))
+    rate = metrics.compression_rate(defense.purify_fn, x, keys=protocols.realization(ek))
+    attacked = protocols.Fixed().attack_keys(ek, jnp.uint32(7))[0]  # any iteration's keys
+    for b in range(3):
+        jac = jax.jacfwd(lambda v, b=b: defense.purify(v[None], attacked[b:b + 1])[0])(x[b])
+        jac = np.asarray(jac).reshape(16, 16)
+        np.testing.assert_allclose(rate[b], np.linalg.norm(jac) / 4.0, rtol=1e-5)
+        sv = metrics.jacobian_singular_values(defense, x[b:b + 1], keys=attacked[b:b + 1])
+        np.testing.assert_allclose(sv[0], np.linalg.svd(jac, compute_uv=False), rtol=1e-4,
+                                   atol=1e-6)
+    top = metrics.jacobian_top_singular_values(defense.purify_fn, x, 2,
+                                               keys=protocols.realization(ek))
+    full = metrics.jacobian_singular_values(defense.purify_fn, x,
+                                            keys=protocols.realization(ek))
+    np.testing.assert_allclose(top, full[:, :2], rtol=1e-3)
+    # Another realization is another map.
+    other = metrics.compression_rate(defense.purify_fn, x, keys=protocols.start_keys(ek))
+    assert not np.allclose(other, rate)
+
+
+def test_batched_purifier_new_keys_and_weights_do_not_recompile():
+    from diffjax import randomness
+
+    x = jnp.asarray(np.random.default_rng(4).uniform(0.2, 0.8, (2, 4, 4, 1)), jnp.float32)
+    k1 = randomness.example_keys(jax.random.key(1), jnp.arange(2))
+    k2 = randomness.example_keys(jax.random.key(2), jnp.arange(2))
+    metrics.compression_rate(_tiny_defense(0.5).purify_fn, x, keys=k1)
+    n = compression._jitted_core._cache_size()
+    r = metrics.compression_rate(_tiny_defense(0.9).purify_fn, x * 0.9, keys=k2)
+    assert compression._jitted_core._cache_size() == n and np.all(np.isfinite(r))
+
+
+def test_stochastic_estimators_need_an_explicit_key():
+    f = lambda x: 0.5 * x
+    x0 = jnp.ones((2, 4, 4, 1))
+    with pytest.raises(ValueError, match="key: expected a jax.random.key.*Hutchinson"):
+        metrics.compression_rate(f, x0, estimator="hutchinson")
+    with pytest.raises(ValueError, match="keys: expected"):
+        metrics.compression_rate(lambda x, k: x, x0, keys=jnp.arange(2))
+    exact = metrics.compression_rate(f, x0)  # the exact path draws nothing
+    np.testing.assert_allclose(exact, 0.5, rtol=1e-6)

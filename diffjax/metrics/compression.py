@@ -10,8 +10,16 @@ space around a clean image `x0`:
   ``||J||_F / sqrt(d)`` (`d` = input size), is the rate an isotropic infinitesimal
   perturbation sees: for `u` uniform on the unit sphere, ``E ||J u||^2 = ||J||_F^2 / d``.
 
-Everything here works on *any* JAX function of one example (not only our purifiers); a
-purifier is measured under fixed randomness by closing over its key. All functions are
+Everything here works on *any* JAX function of one example (not only our purifiers). A
+purifier is measured in ONE call over a batch with its per-example keys: pass the batched
+``purify_fn(x, keys)`` (a `Defense`'s, `diffjax.diffusion.make_purifier`'s, or your own)
+and ``keys=``: each example is measured under its own key, e.g. the realization the fixed
+attack used::
+
+    rate = metrics.compression_rate(defense.purify_fn, x, keys=protocols.realization(ek))
+
+The weights inside a `jax.tree_util.Partial` and the keys are traced, so new keys, new
+examples or new weights of the same shapes reuse the compiled program. All functions are
 `vmap`ped over the batch and `jit`-compiled; they also run inside the caller's `jit`.
 
 How the Jacobian is reached (the cost unit is one `jvp`, about 1-3 forward passes of `f`):
@@ -174,6 +182,38 @@ def _jitted_core(core, dynamic, static, *args, **static_kwargs):
     return core(_merge_fn(dynamic, static), *args, **static_kwargs)
 
 
+def _batched_as_one(g, x, key, *args):
+    """`g(x[None], key[None])[0]`: one example of a batched `g(x, keys)`."""
+    return g(x[None], key[None], *args)[0]
+
+
+def _with_keys(f, x0, keys, args):
+    """`(f of one example, args)` for a batched `f(x, keys)` measured under `keys` `[B]`."""
+    if keys is None:
+        return f, args
+    from diffjax.defense import Defense
+
+    if isinstance(f, Defense):
+        f = f.purify_fn
+    if not callable(f):
+        _checks.fail("f", "a batched function f(x, keys) when keys= is given",
+                     type(f).__name__)
+    keys = _checks.check_keys(keys, x0.shape[0], "keys")
+    if not isinstance(f, jax.tree_util.Partial):
+        f = jax.tree_util.Partial(f)
+    return jax.tree_util.Partial(_batched_as_one, f), (keys, *args)
+
+
+def _probe_keys(key, batch: int, estimator: str):
+    """The keys of a stochastic estimator: explicit, one per example or one folded by row."""
+    if key is None:
+        _checks.fail("key", f"a jax.random.key, or one key per example [{batch}], for the "
+                     f"{estimator} estimator (its probes are random)", None,
+                     "e.g. key=jax.random.key(0); per-example keys make the result "
+                     "independent of the example's position in the batch")
+    return _example_keys(key, batch)
+
+
 # --------------------------------------------------------------------------------------
 # Per-example kernels (one example `x`, unbatched; vmapped by the callers).
 # --------------------------------------------------------------------------------------
@@ -306,6 +346,7 @@ def compression_rate(
     f: Callable,
     x0,
     *,
+    keys=None,
     method: str = "jacobian",
     key=None,
     num_samples: int = 50,
@@ -323,21 +364,25 @@ def compression_rate(
     """The compression rate of `f` around each example of `x0` (paper Sec. 5).
 
     Args:
-      f: a deterministic JAX function of ONE example (``[H, W, C] -> [H, W, C]``, or any
-        array shape). To measure a purifier under fixed randomness, close over its key, e.g.
-        ``f = lambda x: purify(eps_fn, x[None], key[None], ...)[0]``. A
-        `jax.tree_util.Partial` has its array arguments traced (not baked into the program);
-        passing the same `f` object again reuses the compiled program.
+      f: with ``keys=``: a batched purifier ``f(x [B, ...], keys [B]) -> [B, ...]`` (a
+        `Defense` is taken as its ``purify_fn``), measured at each example under that
+        example's key. Without: a deterministic JAX function of ONE example
+        (``[H, W, C] -> [H, W, C]``, or any array shape). A `jax.tree_util.Partial` has its
+        array arguments traced (not baked into the program); passing the same `f` object
+        again reuses the compiled program.
       x0: the points of measurement, a floating batch ``[B, ...]`` (clean images, NHWC in
         [0, 1] for our purifiers; any values are accepted here).
+      keys: ``[B]`` typed keys, one per example, passed to a batched `f` (e.g.
+        ``diffjax.protocols.realization(example_keys)``: the realization the `Fixed`
+        protocol attacks); None for a deterministic `f` of one example.
       method: ``"jacobian"``: the RMS singular value of the Jacobian at each `x0`,
         ``||J||_F / sqrt(d)``, `d` the input size. ``"sample"``: the paper's estimate, the
         mean over `num_samples` draws of ``||f(x0 + delta) - f(x0)|| / ||delta||``, `delta`
         uniform on the l2 sphere of radius `radius`; needs `key` and `radius`.
-      key: a `jax.random.key`, or one key per example ``[B]`` (e.g. from
-        `diffjax.randomness.example_keys`, which makes results independent of batch
-        position; a single key is folded with the batch index). Required for
-        ``"sample"``; for the Hutchinson estimator it defaults to ``jax.random.key(0)``.
+      key: the probes' randomness: a `jax.random.key`, or one key per example ``[B]``
+        (e.g. ``fold_in`` of the example keys, which makes results independent of batch
+        position; a single key is folded with the batch index). Required by the
+        stochastic estimators (``"sample"`` and Hutchinson); the exact path uses none.
       num_samples: perturbations per example for ``"sample"`` (the paper: 50), >= 1.
       radius: the l2 radius of the perturbations for ``"sample"``, > 0 (the paper's
         eps-neighbourhood: about 1.0 on CIFAR-10).
@@ -380,6 +425,7 @@ def compression_rate(
     _checks.check_choice(reduction, "reduction", _REDUCTIONS)
     chunk_size = _checks.check_int(chunk_size, "chunk_size", lo=1)
     args = _check_args(args, x0.shape[0])
+    f, args = _with_keys(f, x0, keys, args)
     _check_f(f, x0, same_shape=same_shape, args=args)
     batch = x0.shape[0]
     d = math.prod(x0.shape[1:])
@@ -390,22 +436,20 @@ def compression_rate(
             _checks.fail("radius", "a positive l2 radius for method='sample'", None,
                          "the paper uses the eps-neighbourhood, about 1.0 on CIFAR-10")
         radius = _checks.check_number(radius, "radius", lo=0.0, lo_open=True)
-        if key is None:
-            _checks.fail("key", "a jax.random.key (or [B] keys) for method='sample'", None,
-                         "e.g. key=jax.random.key(0)")
-        keys = _example_keys(key, batch)
+        probe = _probe_keys(key, batch, "sample")
         kw.update(method="sample", estimator="auto", num_samples=num_samples,
                   clip_to_unit=bool(clip_to_unit), reduction=reduction)
     else:
         if estimator == "auto":
             estimator = "exact" if d <= EXACT_MAX_DIM else "hutchinson"
         num_probes = _checks.check_int(num_probes, "num_probes", lo=2)
-        keys = _example_keys(jax.random.key(0) if key is None else key, batch)
+        probe = (_probe_keys(key, batch, "Hutchinson") if estimator == "hutchinson"
+                 else _example_keys(jax.random.key(0), batch))  # unused by the exact path
         kw.update(method="jacobian", estimator=estimator, ad_mode=ad_mode)
         if estimator == "hutchinson":
             kw.update(num_probes=num_probes)
     radius = jnp.asarray(1.0 if radius is None else radius, x0.dtype)  # traced: no retrace
-    rate, se, finite = _call_jitted(_rate_core, f, x0, keys, radius, args, **kw)
+    rate, se, finite = _call_jitted(_rate_core, f, x0, probe, radius, args, **kw)
     _raise_if_nonfinite(finite)
     return (rate, se) if return_stderr else rate
 
@@ -430,7 +474,7 @@ def _sv_core(f, x0, args, *, chunk_size, ad_mode):
     return jax.vmap(per_example)(x0, args)
 
 
-def jacobian_singular_values(f: Callable, x0, *, chunk_size: int = 64,
+def jacobian_singular_values(f: Callable, x0, *, keys=None, chunk_size: int = 64,
                              ad_mode: str = "forward", args=()):
     """All singular values of the Jacobian of `f` at each example of `x0`, descending.
 
@@ -441,9 +485,10 @@ def jacobian_singular_values(f: Callable, x0, *, chunk_size: int = 64,
     Jacobian; for large inputs use `jacobian_top_singular_values`.
 
     Args:
-      f: a deterministic JAX function of ONE example, any output shape (see
-        `compression_rate`).
+      f: a batched ``f(x, keys)`` with ``keys=``, else a deterministic JAX function of ONE
+        example, any output shape (see `compression_rate`).
       x0: a floating batch ``[B, ...]``.
+      keys: ``[B]`` per-example keys for a batched `f` (see `compression_rate`).
       chunk_size: products computed at once, >= 1.
       ad_mode: ``"forward"`` or ``"reverse"``.
       args: per-example extra arguments of `f`, a tuple of arrays (or pytrees) with
@@ -461,6 +506,7 @@ def jacobian_singular_values(f: Callable, x0, *, chunk_size: int = 64,
     _checks.check_choice(ad_mode, "ad_mode", _AD_MODES)
     chunk_size = _checks.check_int(chunk_size, "chunk_size", lo=1)
     args = _check_args(args, x0.shape[0])
+    f, args = _with_keys(f, x0, keys, args)
     _check_f(f, x0, same_shape=False, args=args)
     s, finite = _call_jitted(_sv_core, f, x0, args, chunk_size=chunk_size, ad_mode=ad_mode)
     _raise_if_nonfinite(finite)
@@ -524,16 +570,19 @@ def _lanczos_example(g, xf, key, *, k, num_iterations):
     return s[:k], bounds, _all_finite(y, alphas, betas)
 
 
-def _topk_core(f, x0, keys, *, k, num_iterations):
-    g = _flat(f, x0.shape[1:])
-    per_example = lambda x, key: _lanczos_example(g, jnp.ravel(x), key, k=k,
-                                                  num_iterations=num_iterations)
-    return jax.vmap(per_example)(x0, keys)
+def _topk_core(f, x0, keys, args, *, k, num_iterations):
+    shape = x0.shape[1:]
+
+    def per_example(x, key, a):
+        g = _flat(lambda v: f(v, *a), shape)
+        return _lanczos_example(g, jnp.ravel(x), key, k=k, num_iterations=num_iterations)
+
+    return jax.vmap(per_example)(x0, keys, args)
 
 
-def jacobian_top_singular_values(f: Callable, x0, k: int, *, key=None,
+def jacobian_top_singular_values(f: Callable, x0, k: int, *, keys=None, key=None,
                                  num_iterations: int | None = None,
-                                 return_error_bounds: bool = False):
+                                 return_error_bounds: bool = False, args=()):
     """The `k` largest singular values of the Jacobian of `f` at each `x0`, matrix-free.
 
     Golub-Kahan-Lanczos bidiagonalisation (with full reorthogonalisation) of ``J = df/dx``
@@ -542,11 +591,14 @@ def jacobian_top_singular_values(f: Callable, x0, k: int, *, key=None,
     `jacobian_singular_values` would need one `jvp` per input dimension.
 
     Args:
-      f: a deterministic JAX function of ONE example (see `compression_rate`); it must
-        support `jax.linearize` and its transpose.
+      f: a batched ``f(x, keys)`` with ``keys=``, else a deterministic JAX function of ONE
+        example (see `compression_rate`); it must support `jax.linearize` and its
+        transpose.
       x0: a floating batch ``[B, ...]``.
       k: how many singular values, ``1 <= k <= min(d_in, d_out)``.
-      key: the start vector's key (one key, or ``[B]``); defaults to ``jax.random.key(0)``.
+      keys: ``[B]`` per-example keys for a batched `f` (see `compression_rate`).
+      key: the start vector's key (one key, or ``[B]``); defaults to ``jax.random.key(0)``
+        (the converged values do not depend on it; the error bounds say how far they are).
       num_iterations: Lanczos steps `m` (``k <= m <= min(d_in, d_out)``); the default
         is ``min(max(2k, k + 20), min(d_in, d_out))``. Top values well separated from the
         rest converge in a few steps; a flat top of the spectrum converges slowly (and a
@@ -554,20 +606,23 @@ def jacobian_top_singular_values(f: Callable, x0, k: int, *, key=None,
         bounds and raise `num_iterations` when they are large.
       return_error_bounds: also return, per value, the residual bound
         ``|beta_m p_m|``: each returned value lies within it of a true singular value.
+      args: per-example extra arguments of `f` (see `compression_rate`).
 
     Returns:
       ``[B, k]`` singular values, descending; with ``return_error_bounds=True``,
       ``(values, bounds)``, both ``[B, k]``.
     """
     _check_x0(x0)
-    out = _check_f(f, x0, same_shape=False)
+    args = _check_args(args, x0.shape[0])
+    f, args = _with_keys(f, x0, keys, args)
+    out = _check_f(f, x0, same_shape=False, args=args)
     n = min(math.prod(x0.shape[1:]), math.prod(out.shape))
     k = _checks.check_int(k, "k", lo=1, hi=n)
     if num_iterations is None:
         num_iterations = min(max(2 * k, k + 20), n)
     num_iterations = _checks.check_int(num_iterations, "num_iterations", lo=k, hi=n)
-    keys = _example_keys(jax.random.key(0) if key is None else key, x0.shape[0])
-    s, bounds, finite = _call_jitted(_topk_core, f, x0, keys, k=k,
+    start = _example_keys(jax.random.key(0) if key is None else key, x0.shape[0])
+    s, bounds, finite = _call_jitted(_topk_core, f, x0, start, args, k=k,
                                      num_iterations=num_iterations)
     _raise_if_nonfinite(finite)
     return (s, bounds) if return_error_bounds else s
