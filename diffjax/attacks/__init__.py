@@ -7,7 +7,8 @@
   protocol's).
 - Attacks (frozen configs run by `diffjax.attacks.engine`, one `jit` each):
   `PGDConfig` / `pgd_attack` (l_inf and l_2 PGD), `APGDConfig` / `apgd_attack` (APGD-CE,
-  APGD-DLR, APGD-T; Croce & Hein 2020).
+  APGD-DLR, APGD-T; Croce & Hein 2020), `SquareConfig` / `square_attack` (the
+  gradient-free Square Attack, Andriushchenko et al. 2020: the masking check).
 - `evaluate`: adversarial examples classified under one or several protocols (and the
   purified images under the realization); `attack_and_evaluate`: an attack and its
   evaluation in one program.
@@ -32,6 +33,7 @@ from diffjax.attacks.gradients import (
     straight_through,
 )
 from diffjax.attacks.pgd import PGDConfig, PGDResult, pgd_attack, project
+from diffjax.attacks.square import SquareConfig, square_attack
 from diffjax.protocols import PROTOCOLS, Fixed, Independent, Protocol, Transfer, as_protocol
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "PGDResult",
     "PROTOCOLS",
     "Protocol",
+    "SquareConfig",
     "Transfer",
     "apgd_attack",
     "as_protocol",
@@ -59,6 +62,7 @@ __all__ = [
     "project",
     "read_results",
     "resolve_example_keys",
+    "square_attack",
     "straight_through",
     "summarize",
 ]
