@@ -100,7 +100,8 @@ def test_matches_reference_loop(norm, eps, loss):
     defense = undefended(Partial(mlp_logits, params))
     ek = randomness.example_keys(ROOT, jnp.arange(6))
     steps = 20
-    cfg = APGDConfig(norm=norm, eps=eps, steps=steps, loss=loss, return_trajectory=True)
+    cfg = APGDConfig(norm=norm, eps=eps, steps=steps, loss=loss, return_trajectory=True,
+                     keep_fooling_point=False)  # the reference continues after success
     res = attacks.apgd_attack(defense, x, y, ek, config=cfg)
 
     lg = jax.jit(lambda z: attacks.loss_and_grad(defense, z, y, ek[None], loss=loss,

@@ -17,8 +17,12 @@ of the schedule of the reference implementation (`fra31/auto-attack`,
   an example is halved, and it restarts from its best point (and that point's gradient),
   when (1) the loss increased in at most `rho * k` of the last k iterations, or (2) its
   step was not reduced at the previous checkpoint and its best loss has not improved since.
-- the result: the last point misclassified under the attack's randomness where there is
-  one (AutoAttack's `x_best_adv`), else the point of highest loss (`x_best`).
+- the result: a point misclassified under the attack's randomness where there is one
+  (AutoAttack's `x_best_adv`), else the point of highest loss (`x_best`). When the protocol
+  attacks the realization (`Fixed`, `Transfer`), success is deterministic and a fooled
+  example keeps its first fooling point and stops (AutoAttack keeps updating it with later
+  fooling points: either fools); so a run in chunks with early exit
+  (`diffjax.attacks.cascade`) equals the whole run.
 - APGD-T (`loss="dlr_targeted"`, `target_rank=r`): the targeted DLR loss towards the
   class ranked `r` (2 = the runner-up) by the logits at the clean image under the attack's
   first randomness, as AutoAttack's `apgd-t` does for r = 2 .. 10.
@@ -61,6 +65,9 @@ class APGDConfig:
       restart: which random start (0, 1, ...; module docstring).
       target_rank: APGD-T's target: the class ranked this by the clean logits (2 = the
         runner-up); ignored by the untargeted losses.
+      keep_fooling_point: under a protocol that attacks the realization, a fooled example
+        keeps its first fooling point and stops (module docstring); False continues as
+        AutoAttack does.
       return_trajectory: also return the loss `[N, B]` and the purifier keys of each
         gradient `[N + 1, K, B, ...]`.
     """
@@ -73,6 +80,7 @@ class APGDConfig:
     rho: float = 0.75
     restart: int = 0
     target_rank: int = 2
+    keep_fooling_point: bool = True
     return_trajectory: bool = False
 
     def __post_init__(self):
@@ -161,6 +169,12 @@ class APGDConfig:
             loss_best_last=jnp.where(check, loss_best, s["loss_best_last"]),
             k=jnp.where(check, jnp.maximum(k - size_decr, n_iter_min), k),
             counter=jnp.where(check, 0, counter))
+        if self.keep_fooling_point and protocol.attack_stream == "realization":
+            # Success is deterministic: a fooled example keeps its first fooling point and
+            # its state (so chunked runs with early exit equal the whole run).
+            done = ~s["acc"]
+            new = {key: jnp.where(bcast(done, v), s[key], v) if key != "loss_steps" else v
+                   for key, v in new.items()}
         return new, (jax.random.key_data(keys) if self.return_trajectory else None)
 
     def finish(self, ctx, protocol, x, y, s, records):

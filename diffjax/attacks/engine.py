@@ -48,7 +48,8 @@ from diffjax import _checks, protocols
 __all__ = [
     "AttackResult", "Context", "validate", "static_and_budget", "run", "init_state",
     "advance", "finish_state", "to_auto", "restore", "auto_mesh", "per_example",
-    "flat_norm", "bcast", "run_program", "advance_program",
+    "make_context", "flat_norm", "bcast", "result_of", "run_program", "init_program",
+    "advance_program", "finish_program",
 ]
 
 
@@ -200,12 +201,6 @@ def static_and_budget(attack):
     return dataclasses.replace(attack, **changes), eps, step
 
 
-def _context(defense, x, example_keys, eps, step_size):
-    b = x.shape[0]
-    return Context(defense, example_keys, per_example(eps, b, "eps"),
-                   per_example(step_size, b, "step_size"))
-
-
 # ------------------------------------------------------------------------ programs
 
 
@@ -231,7 +226,8 @@ def run_program(ctx, x, y, *, attack, protocol):
 
 
 @functools.partial(jax.jit, static_argnames=("attack", "protocol"))
-def _init_program(ctx, x, y, *, attack, protocol):
+def init_program(ctx, x, y, *, attack, protocol):
+    """The state before the first iteration (`attack` static: `static_and_budget`'s)."""
     return attack.init(ctx, protocol, x, y)
 
 
@@ -243,8 +239,15 @@ def advance_program(ctx, x, y, state, start, *, attack, protocol, length):
 
 
 @functools.partial(jax.jit, static_argnames=("attack", "protocol"))
-def _finish_program(ctx, x, y, state, *, attack, protocol):
+def finish_program(ctx, x, y, state, *, attack, protocol):
+    """The `AttackResult` of a state (no trajectory)."""
     return attack.finish(ctx, protocol, x, y, state, None)
+
+
+def make_context(defense, example_keys, eps, step_size, batch: int) -> Context:
+    """A `Context` with per-example budgets (`eps`/`step_size`: numbers or `[batch]`)."""
+    return Context(defense, example_keys, per_example(eps, batch, "eps"),
+                   per_example(step_size, batch, "step_size"))
 
 
 def run(attack, defense, x, y, example_keys, protocol="fixed", *, eps=None,
@@ -271,7 +274,7 @@ def run(attack, defense, x, y, example_keys, protocol="fixed", *, eps=None,
     eps = eps0 if eps is None else eps
     step = step0 if step_size is None else step_size
     like = x
-    ctx = _context(defense, x, example_keys, eps, step)
+    ctx = make_context(defense, example_keys, eps, step, x.shape[0])
     ctx, x, y = to_auto((ctx, x, y))
     out = run_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static, protocol=protocol)
     return restore(out, like)
@@ -288,9 +291,9 @@ def init_state(attack, defense, x, y, example_keys, protocol):
     example_keys, protocol = validate(defense, x, y, example_keys, protocol,
                                       getattr(attack, "gradient", None))
     static, eps, step = static_and_budget(attack)
-    ctx = _context(defense, x, example_keys, eps, step)
-    return ctx, protocol, _init_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static,
-                                        protocol=protocol)
+    ctx = make_context(defense, example_keys, eps, step, x.shape[0])
+    return ctx, protocol, init_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static,
+                                       protocol=protocol)
 
 
 def advance(attack, protocol, ctx, x, y, state, start: int, length: int):
@@ -309,5 +312,5 @@ def finish_state(attack, protocol, ctx, x, y, state) -> AttackResult:
     """The `AttackResult` of a state (no trajectory in chunked runs)."""
     static, _, _ = static_and_budget(attack)
     protocol = protocols.as_protocol(protocol)
-    return _finish_program(ctx, x, jnp.asarray(y, jnp.int32), state, attack=static,
-                           protocol=protocol)
+    return finish_program(ctx, x, jnp.asarray(y, jnp.int32), state, attack=static,
+                          protocol=protocol)
