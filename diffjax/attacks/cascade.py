@@ -24,6 +24,12 @@ one padded with copies of a real row, masked out), placed on the data mesh
 attack structure (plus one per extra size in `bucket_sizes`, for a last batch much smaller
 than the others; on a CPU compiling another program costs more than padding).
 
+Several processes (multi-host): each process passes only the examples it owns and packs
+its own active examples into its rows (`batch_size / process count`) of every global
+batch; the processes agree on the number of batches of every round (a process with fewer
+active examples contributes padding rows), so every collective program runs the same
+number of times everywhere. Results come back for the caller's own examples.
+
 Resuming: with a `store` (any object with `load(name) -> dict | None`,
 `save(name, arrays)` and `delete(name)`, e.g. the study's work directory), the state of
 every example is saved after every batch of every round and the results of every attack
@@ -101,8 +107,27 @@ def _scatter(tree, idx, values):
         dst[idx[keep]] = src[:len(idx)][keep]
 
 
-def _to_host(tree):
-    return jax.tree.map(parallel.to_host, tree)
+def _local(tree):
+    return jax.tree.map(parallel.local_rows, tree)
+
+
+def _save(store, name, rows: dict, meta: dict | None = None):
+    """Saves every process's `rows` (per-example arrays) and `meta` (process 0 writes)."""
+    out = {k: parallel.gather_rows(v) for k, v in rows.items()}
+    out.update({f"meta_{k}": np.asarray(v) for k, v in (meta or {}).items()})
+    store.save(name, out)
+
+
+def _load(store, name, m: int):
+    """`(rows, meta)`: this process's `m` rows of a saved tree and its meta, or None."""
+    got = store.load(name)
+    if got is None:
+        return None
+    sizes = parallel.gather_rows(np.asarray([m]))
+    start = int(sizes[:jax.process_index()].sum())
+    rows = {k: v[start:start + m] for k, v in got.items() if not k.startswith("meta_")}
+    meta = {k[5:]: v for k, v in got.items() if k.startswith("meta_")}
+    return rows, meta
 
 
 def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batch_size: int,
@@ -138,15 +163,17 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
         key_data = np.asarray(jax.random.key_data(example_keys))
     else:
         key_data = np.asarray(example_keys, np.uint32)
-    if key_data.shape[0] != n or len(y) != n:
+    if key_data.shape[0] != n or len(y) != n:  # (this process's examples)
         _checks.fail("example_keys", f"one key and one label per example ({n})",
                      f"{key_data.shape[0]} keys, {len(y)} labels")
     batch_size = _checks.check_int(batch_size, "batch_size", lo=1)
-    for a in cascade.attacks:  # the inputs, the protocol against every attack's estimator
-        _, protocol = engine.validate(defense, x[:1], y[:1], jax.random.wrap_key_data(
-            key_data[:1]), protocol, getattr(a, "gradient", None))
+    probe = np.zeros((1, *x.shape[1:]), np.float32)
+    for a in cascade.attacks:  # the protocol against every attack's estimator
+        _, protocol = engine.validate(defense, probe, np.zeros(1, np.int32),
+                                      jax.random.wrap_key_data(np.zeros((1, 2), np.uint32)),
+                                      protocol, getattr(a, "gradient", None))
     _checks.check_images(x, "x")
-    _checks.check_labels(y, n, defense.num_classes(x[:1]), "y")
+    _checks.check_labels(y, n, defense.num_classes(probe), "y")
     mesh = parallel.data_mesh() if mesh is None else mesh
     eps_all = None if eps is None else np.broadcast_to(np.asarray(eps, np.float32), (n,))
     log = log or (lambda _m: None)
@@ -157,14 +184,15 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
     seconds = np.zeros(len(cascade.attacks))
     robust = np.ones(n, bool)
     for s, attack in enumerate(cascade.attacks):
-        done = store.load(f"attack{s}") if store is not None else None
+        done = _load(store, f"attack{s}", n) if store is not None else None
         if done is not None:
+            done = done[0]
             x_adv, fooled_by, iterations = done["x_adv"], done["fooled_by"], done["iterations"]
             robust = fooled_by < 0
             continue
         t0 = time.time()
         rows = np.flatnonzero(robust)
-        if len(rows):
+        if parallel.agree_max(len(rows)):
             out = _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh,
                            cascade, store, f"attack{s}", log, eps_all)
             won = rows[out["fooled"]]
@@ -178,8 +206,8 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
             robust[won] = False
         seconds[s] = time.time() - t0
         if store is not None:
-            store.save(f"attack{s}", {"x_adv": x_adv, "fooled_by": fooled_by,
-                                      "iterations": iterations})
+            _save(store, f"attack{s}", {"x_adv": x_adv, "fooled_by": fooled_by,
+                                        "iterations": iterations})
         log(f"attack {s + 1}/{len(cascade.attacks)} ({type(attack).__name__}): "
             f"{int((fooled_by == s).sum())} of {len(rows)} fooled, {int(robust.sum())} left")
     delta = (x_adv - x).reshape(n, -1)
@@ -187,10 +215,6 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
             "iterations": iterations, "linf": np.abs(delta).max(axis=1),
             "l2": np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32),
             "seconds": seconds}
-
-
-def _put(mesh, size, *arrays):
-    return parallel.shard_batch(mesh, *arrays, rows=size)
 
 
 def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, cascade,
@@ -202,68 +226,87 @@ def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, 
     chunk = steps if cascade.chunk is None else min(int(cascade.chunk), steps)
     drop = cascade.early_exit and protocol.attack_stream == "realization"
     static, eps0, step0 = engine.static_and_budget(attack)
-    batches = _pack(np.arange(m), batch_size, cascade.bucket_sizes)
+    local = parallel.local_batch_size(batch_size)
+    buckets = cascade.bucket_sizes if jax.process_count() == 1 else ()
+
+    def pack(which):
+        """Local batches of `which`, as many as the process with the most (agreed)."""
+        out = _pack(which, local, buckets)
+        total = parallel.agree_max(len(out))
+        return out + [np.full(local, -1, np.int64)] * (total - len(out))
 
     def placed(idx):
         """The batch of rows `idx` (-1: padding) on the mesh: (ctx, x, y)."""
-        g = rows[_rows(np.arange(m), idx)]
-        size = len(idx)
-        xs, ys, ks, _ = _put(mesh, size, x[g], y[g], jax.random.wrap_key_data(key_data[g]))
-        eps = eps0 if eps_all is None else _put(mesh, size, eps_all[g])[0]
+        if m:
+            g = rows[_rows(np.arange(m), idx)]
+            xb, yb, kb = x[g], y[g], key_data[g]
+            eb = None if eps_all is None else eps_all[g]
+        else:  # this process owns no example of the stage: padding only
+            xb = np.zeros((len(idx), *x.shape[1:]), np.float32)
+            yb, kb = np.zeros(len(idx), np.int32), np.zeros((len(idx), 2), np.uint32)
+            eb = None if eps_all is None else np.zeros(len(idx), np.float32)
+        xs, ys, ks, _ = parallel.put_local(mesh, xb, yb, jax.random.wrap_key_data(kb),
+                                           rows=len(idx))
+        eps = eps0 if eb is None else parallel.put_local(mesh, eb, rows=len(idx))[0]
         return engine.make_context(defense, ks, eps, step0, xs.shape[0]), xs, ys
 
     def put_state(idx):
-        return jax.tree.map(lambda a: _put(mesh, len(idx), a)[0], _rows(state, idx))
+        if not m:
+            return jax.tree.map(lambda a: parallel.put_local(
+                mesh, np.zeros((len(idx), *a.shape[1:]), a.dtype), rows=len(idx))[0], state)
+        return jax.tree.map(lambda a: parallel.put_local(mesh, a, rows=len(idx))[0],
+                            _rows(state, idx))
 
-    state = store.load(f"{name}_state") if store is not None else None
-    if state is not None:
-        start = int(state.pop("_start")[0])
-        active, iters = state.pop("_active"), state.pop("_iters")
+    saved = _load(store, f"{name}_state", m) if store is not None else None
+    if saved is not None:
+        state, meta = saved
+        start = int(meta["start"][0])
+        active, iters = state.pop("_active").astype(bool), state.pop("_iters")
     else:
         state, start, iters, active = None, 0, np.zeros(m, np.int64), np.ones(m, bool)
-        for idx in batches:
+        for idx in pack(np.arange(m)):
             ctx, xs, ys = placed(idx)
-            host = _to_host(engine.init_program(ctx, xs, ys, attack=static, protocol=protocol))
+            host = _local(engine.init_program(ctx, xs, ys, attack=static, protocol=protocol))
             if state is None:
                 state = jax.tree.map(lambda a: np.zeros((m, *a.shape[1:]), a.dtype), host)
             _scatter(state, idx, host)
 
     while start < steps:
         live = np.flatnonzero(active)
-        if not len(live):
+        if not parallel.agree_max(len(live)):
             break
         t0 = time.time()
-        for idx in _pack(live, batch_size, cascade.bucket_sizes):
+        for idx in pack(live):
             ctx, xs, ys = placed(idx)
             st, fooled = engine.advance_program(ctx, xs, ys, put_state(idx), jnp.uint32(start),
                                                 attack=static, protocol=protocol, length=chunk)
-            _scatter(state, idx, _to_host(st))
-            real = idx[idx >= 0]
-            iters[real] += min(chunk, steps - start)
+            _scatter(state, idx, _local(st))
+            iters[idx[idx >= 0]] += min(chunk, steps - start)
             if drop:
-                f = parallel.to_host(fooled)[:len(idx)]
+                f = parallel.local_rows(fooled)[:len(idx)]
                 active[idx[(idx >= 0) & f]] = False
         start += chunk
         if store is not None:
-            store.save(f"{name}_state", {**state, "_start": np.array([start]),
-                                         "_active": active, "_iters": iters})
+            _save(store, f"{name}_state", {**state, "_active": active, "_iters": iters},
+                  {"start": np.array([start])})
         log(f"{type(attack).__name__} iterations {min(start, steps)}/{steps}: "
-            f"{int(active.sum())}/{m} examples still attacked ({time.time() - t0:.1f} s)")
+            f"{parallel.agree_max(int(active.sum()))} examples still attacked "
+            f"({time.time() - t0:.1f} s)")
 
-    x_out = np.zeros_like(x[rows])
+    x_out = np.zeros((m, *x.shape[1:]), np.float32)
     fooled_out = np.zeros(m, bool)
-    for idx in batches:
+    for idx in pack(np.arange(m)):
         ctx, xs, ys = placed(idx)
         res = engine.finish_program(ctx, xs, ys, put_state(idx), attack=static,
                                     protocol=protocol)
         k = len(idx)
-        xa = parallel.to_host(res.x_adv)[:k]
+        xa = parallel.local_rows(res.x_adv)[:k]
         if protocol.attack_stream == "realization":
-            won = parallel.to_host(res.success)[:k]
+            won = parallel.local_rows(res.success)[:k]
         else:  # the protocol's verdict: wrong under its evaluation draw 0
             ev = evaluation.evaluate_program(defense, xs, res.x_adv, ys, ctx.example_keys,
                                              evals=(protocol,))
-            won = ~parallel.to_host(ev["protocols"][protocol.name]["adv_correct"])[:k]
+            won = ~parallel.local_rows(ev["protocols"][protocol.name]["adv_correct"])[:k]
         keep = idx >= 0
         x_out[idx[keep]] = xa[keep]
         fooled_out[idx[keep]] = won[keep]
