@@ -224,6 +224,45 @@ class _TfdsSource:
         return images, labels
 
 
+class _SyntheticSource:
+    """Random images and labels with a dataset's shape, class count and split size.
+
+    Example `i` of split `s` is a pure function of (seed, s, i) (NumPy's PCG64 seeded with
+    them): any subset reads the same values, whatever the batch or the process. Smooth
+    random images (a low-resolution uniform field upsampled bilinearly, plus a little
+    pixel noise) rather than white noise, so that the models see image-like inputs.
+    """
+
+    def __init__(self, name: str, split: str, preprocess: str, seed: int):
+        meta = info(name, preprocess=preprocess)
+        self.shape, self.num_classes = meta.image_shape, meta.num_classes
+        self.size = meta.split_sizes[split]
+        self.key = (int(seed), sorted(meta.split_sizes).index(split))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _one(self, i: int) -> tuple[np.ndarray, int]:
+        rng = np.random.default_rng([*self.key, int(i)])
+        h, w, c = self.shape
+        lo = rng.uniform(0.0, 1.0, size=(max(h // 4, 2), max(w // 4, 2), c))
+        rows = np.linspace(0, lo.shape[0] - 1, h)
+        cols = np.linspace(0, lo.shape[1] - 1, w)
+        r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+        r1, c1 = np.minimum(r0 + 1, lo.shape[0] - 1), np.minimum(c0 + 1, lo.shape[1] - 1)
+        fr, fc = (rows - r0)[:, None, None], (cols - c0)[None, :, None]
+        img = ((1 - fr) * (1 - fc) * lo[r0][:, c0] + (1 - fr) * fc * lo[r0][:, c1]
+               + fr * (1 - fc) * lo[r1][:, c0] + fr * fc * lo[r1][:, c1])
+        img = np.clip(img + rng.normal(0.0, 0.03, size=img.shape), 0.0, 1.0)
+        return img.astype(np.float32), int(rng.integers(self.num_classes))
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self._one(i) for i in indices]
+        images = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, *self.shape),
+                                                                         np.float32)
+        return images, np.asarray([p[1] for p in pairs], np.int32)
+
+
 class _ArraySource:
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
@@ -255,10 +294,13 @@ def resize_center_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
     return out[top:top + crop, left:left + crop]
 
 
-def _source(name: str, split: str, data_dir, preprocess: str):
+def _source(name: str, split: str, data_dir, preprocess: str, synthetic: bool = False,
+            seed: int = 0):
     _checks.check_choice(name, "name", NAMES)
     _checks.check_choice(split, "split", tuple(_INFO[name].split_sizes))
     _checks.check_choice(preprocess, "preprocess", _PREPROCESS)
+    if synthetic:
+        return _SyntheticSource(name, split, preprocess, seed)
     if name == "digits":
         return _ArraySource(*_digits_split()[split])
     return _TfdsSource(name, split, data_dir, preprocess)
@@ -280,10 +322,14 @@ def load_arrays(
     data_dir=None,
     num_examples: int | None = None,
     preprocess: str = "classifier",
+    ids=None,
+    synthetic: bool = False,
+    seed: int = 0,
 ) -> Batch:
-    """Loads the first `num_examples` of a split into memory as one `Batch` (numpy arrays).
+    """Loads examples of a split into memory as one `Batch` (numpy arrays).
 
-    Meant for small sets (digits, a few hundred CIFAR-10 test images).
+    Meant for small sets (digits, a few hundred CIFAR-10 test images), or one process's
+    share of a larger one (`ids`).
 
     Args:
       name: one of `NAMES`.
@@ -291,15 +337,27 @@ def load_arrays(
       data_dir: the tfds data directory (CIFAR-10/ImageNet); None for tfds' default.
       num_examples: keep the first n examples of the split (None: all).
       preprocess: ``"classifier"`` or ``"purifier"`` (ImageNet crop 224 or 256).
+      ids: read exactly these example indices instead of the first `num_examples` (e.g. a
+        process's share, `diffjax.parallel.share`); each must be < the split's size.
+      synthetic: random images and labels with the dataset's shape, class count and split
+        size (`_SyntheticSource`): no download, for checking and timing a configuration on
+        any machine. `seed` picks them.
+      seed: the synthetic data's seed.
 
     Returns:
-      `Batch(images [N, H, W, C] float32 in [0, 1], labels int32 [N], ids int32 [N] = 0..N-1,
-      mask all True)`.
+      `Batch(images [N, H, W, C] float32 in [0, 1], labels int32 [N], ids int32 [N] (the
+      example indices: 0..N-1, or `ids`), mask all True)`.
     """
-    source = _source(name, split, data_dir, preprocess)
-    n = _num_examples(source, num_examples)
-    idx = np.arange(n)
+    source = _source(name, split, data_dir, preprocess, synthetic, seed)
+    if ids is None:
+        idx = np.arange(_num_examples(source, num_examples))
+    else:
+        idx = np.asarray(ids, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(source)):
+            _checks.fail("ids", f"example indices in [0, {len(source) - 1}] of "
+                         f"{name}/{split}", f"min {idx.min()}, max {idx.max()}")
     images, labels = source.read(idx)
+    n = len(idx)
     return Batch(images, labels, idx.astype(np.int32), np.ones(n, bool))
 
 

@@ -144,3 +144,27 @@ def test_missing_data_error_says_how_to_get_it(tmp_path, name, split, hint):
     msg = str(e.value)
     assert hint in msg and "--data_dir" in msg and str(tmp_path) in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("name,split", [("cifar10", "test"), ("imagenet2012", "validation"),
+                                        ("digits", "train")])
+def test_synthetic_data_has_the_datasets_shape_and_is_a_function_of_the_id(name, split):
+    meta = data.info(name)
+    a = data.load_arrays(name, split, num_examples=4, synthetic=True)
+    assert a.images.shape == (4, *meta.image_shape) and a.images.dtype == np.float32
+    assert 0.0 <= a.images.min() and a.images.max() <= 1.0
+    assert a.labels.min() >= 0 and a.labels.max() < meta.num_classes
+    b = data.load_arrays(name, split, ids=[3, 1], synthetic=True)  # any subset, any order
+    np.testing.assert_array_equal(b.images, a.images[[3, 1]])
+    np.testing.assert_array_equal(b.ids, [3, 1])
+    other = data.load_arrays(name, split, num_examples=4, synthetic=True, seed=1)
+    assert not np.array_equal(other.images, a.images)
+
+
+def test_load_arrays_by_ids_and_bad_ids():
+    full = data.load_arrays("digits", "test")
+    part = data.load_arrays("digits", "test", ids=np.array([296, 0, 5]))
+    np.testing.assert_array_equal(part.images, full.images[[296, 0, 5]])
+    np.testing.assert_array_equal(part.labels, full.labels[[296, 0, 5]])
+    with pytest.raises(ValueError, match="ids: expected example indices in \\[0, 296\\]"):
+        data.load_arrays("digits", "test", ids=[297])
