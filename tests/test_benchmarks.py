@@ -153,8 +153,14 @@ def test_gpu_suite_smoke(tmp_path):
             (fl["forward_flops"] + fl["grad_flops"]) * r["eot"]
         assert r["flops_per_image"] == pytest.approx(per_step * st)
         assert r["diffjax_tflops"] == pytest.approx(per_step * st / r["diffjax_s"] / 1e12)
-        if r["model"] == "ddpm":  # the peer ran the same case
+        if r["model"] == "ddpm":  # the peers ran the same case
             assert r["peer_s"] > 0 and r["ratio"] == pytest.approx(r["peer_s"] / r["diffjax_s"])
+            # The compiled peer (torch.compile; here the aot_eager backend) computes what
+            # the eager peer does, and is timed beside it.
+            assert "peer_compiled_error" not in r, r.get("peer_compiled_error")
+            assert r["peer_compiled_max_abs_diff"] < 1e-5, name
+            assert r["ratio_compiled"] == pytest.approx(r["peer_compiled_s"] / r["diffjax_s"])
+            assert "torch.compile" in r["peer_compiled_mode"]
     for fl in flops.values():
         # A remat gradient step costs about three forward passes.
         assert 2.0 < (fl["forward_flops"] + fl["grad_flops"]) / fl["forward_flops"] < 4.5

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import pathlib
 
-from experiments.bench import gpu, models
+from experiments.bench import gpu, models, profile, report
 
 
 def merge(run_dirs: list[str], recount_flops: bool = False) -> dict:
@@ -46,15 +46,12 @@ def merge(run_dirs: list[str], recount_flops: bool = False) -> dict:
 
 
 def _recount_flops(data: dict, s) -> None:
-    """Replaces the runs' FLOP counts by the CPU-lowered ones (`gpu.unet_flops`) and
+    """Replaces the runs' FLOP counts by the CPU-lowered ones (`profile.eps_flops`) and
     rescales each case's achieved TFLOP/s and fractions of peak accordingly.
 
-    Runs made before `gpu.unet_flops` counted on the CPU took XLA's GPU cost analysis,
+    Runs made before the suite counted on the CPU took XLA's GPU cost analysis,
     which leaves out the convolutions (cuDNN custom calls).
     """
-    import jax
-
-    from diffjax import models as dmodels
     from diffjax.models import ncsnpp, unet
 
     if s.ddpm != models.cifar10_size():
@@ -64,15 +61,8 @@ def _recount_flops(data: dict, s) -> None:
     old = data.get("_flops") or {}
     new = {}
     for key, (kind, config) in configs.items():
-        module = dmodels.build(kind, config)
-        spec = dmodels.get_spec(kind)
-        variables = jax.eval_shape(lambda k, m=module, c=config, sp=spec: sp.init(m, c, k),
-                                   jax.random.key(0))
-        eps = jax.tree_util.Partial(
-            lambda v, x, t, m=module, c=config, sp=spec: sp.make_fn(m, c, v)(x, t), variables)
-        res = config.get("resolution", config.get("image_size", 32))
-        ch = config.get("in_channels", config.get("num_channels", 3))
-        new[key] = {**old.get(key, {}), **gpu.unet_flops(eps, res, ch),
+        eps, res, ch, _ = profile.abstract_eps(kind, config)
+        new[key] = {**old.get(key, {}), **profile.eps_flops(eps, res, ch),
                     "counted_on": "cpu (XLA cost analysis of the CPU-lowered HLO)",
                     "gpu_cost_analysis": {k: old.get(key, {}).get(k)
                                           for k in ("forward_flops", "grad_flops")}}
@@ -104,7 +94,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.json").write_text(json.dumps(data, indent=2, sort_keys=True))
-    (out / "benchmarks.md").write_text(gpu.markdown(data))
+    (out / "benchmarks.md").write_text(report.gpu_markdown(data))
     print(f"wrote {out / 'benchmarks.json'} and benchmarks.md")
 
 

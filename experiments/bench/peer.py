@@ -13,16 +13,30 @@ The equations, timesteps and clipping are diffjax's (`diffjax.diffusion.purify`,
 here: `chain_noises` draws it with JAX from the documented keys (forward noise
 ``normal(fold_in(keys[b], 0))``, step noise ``normal(fold_in(keys[b], tau + 1))``) and the
 same tensors are fed to the peer, so both sides agree up to float error.
+
+The compiled peer (`compiled_model`) is the same loop around ``torch.compile`` of the
+U-Net (inductor; ``mode="max-autotune"`` where it works), optionally ``channels_last`` and
+under ``torch.autocast(bfloat16)`` (`DeviceModel`). diffusers' attention already calls
+``F.scaled_dot_product_attention`` (its default ``AttnProcessor2_0``). On a GPU,
+``max-autotune`` adds CUDA graphs. The device helpers (``cuda_*``, `exact_fp32`) do
+nothing without CUDA.
 """
 
 from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import types
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-__all__ = ["chain_noises", "PeerPurifier", "to_nchw", "to_nhwc", "saved_tensor_mb"]
+__all__ = ["chain_noises", "PeerPurifier", "to_nchw", "to_nhwc", "saved_tensor_mb",
+           "DeviceModel", "compiled_model", "CompiledPeers", "tf32_flags", "exact_fp32",
+           "cuda_sync", "cuda_reset_peak", "cuda_allocated", "cuda_peak_mb", "cuda_empty_cache"]
 
 
 def chain_noises(keys, shape_hwc, taus) -> np.ndarray:
@@ -192,3 +206,212 @@ def saved_tensor_mb(fn, exclude=()) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values()) / 2**20
+
+
+# ------------------------------------------------------------------ device, compiled peer
+
+
+class DeviceModel:
+    """The diffusers U-Net as `PeerPurifier` calls it, on the images' device.
+
+    The timesteps are made on the images' device (`PeerPurifier.step` passes a CPU
+    ``torch.full``; a fill kernel on the device, not ``t.to(device)``: a blocking
+    host-to-device copy at every step would make the host wait for the GPU, which PyTorch
+    users do not pay); optionally under ``torch.autocast(bfloat16)`` and with the input in
+    ``channels_last``; eps is returned in float32.
+
+    Args:
+      model: a ``UNet2DModel`` or a ``torch.compile`` of one.
+      bf16: ``torch.autocast(dtype=torch.bfloat16)`` around the call.
+      channels_last: feed the input in ``torch.channels_last`` (the model's weights should
+        be converted too: `compiled_model` does).
+    """
+
+    def __init__(self, model, bf16: bool = False, channels_last: bool = False):
+        self.model, self.bf16, self.channels_last = model, bf16, channels_last
+
+    def __call__(self, x, t):
+        if t.device != x.device:
+            t = torch.full(t.shape, int(t.reshape(-1)[0]), dtype=t.dtype, device=x.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                            enabled=self.bf16):
+            eps = self.model(x, t).sample
+        return types.SimpleNamespace(sample=eps.float().contiguous())
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def compiled_model(model, *, mode: str | None = "max-autotune", backend: str = "inductor",
+                   channels_last: bool = False, bf16: bool = False, example=None,
+                   grad: bool = False):
+    """``torch.compile`` of a copy of `model`, compiled on `example` before returning.
+
+    Args:
+      model: a diffusers ``UNet2DModel`` (left unchanged: a deep copy is compiled).
+      mode: ``torch.compile``'s mode (None: the default; "max-autotune": autotuned GEMM /
+        convolution templates, plus CUDA graphs on a GPU).
+      backend: ``"inductor"`` (generated C++ / Triton), or ``"aot_eager"`` (graph capture
+        and AOTAutograd without code generation: the tests' quick path).
+      channels_last: convert the weights and the inputs to ``torch.channels_last``.
+      bf16: autocast to bfloat16.
+      example: ``(x, t)`` to compile on (one call, or one forward and backward with
+        `grad`); None compiles lazily.
+      grad: also compile the backward pass on `example`.
+
+    Returns:
+      ``(DeviceModel, compile_s)``: the callable for `PeerPurifier` and the seconds the
+      compile on `example` took.
+    """
+    m = copy.deepcopy(model)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    cm = torch.compile(m, mode=mode, backend=backend, dynamic=False)
+    dev = DeviceModel(cm, bf16=bf16, channels_last=channels_last)
+    t0 = time.perf_counter()
+    if example is not None:
+        x, t = example
+        with torch.inference_mode():
+            dev(x, t)
+        if grad:
+            xg = x.detach().clone().requires_grad_(True)
+            torch.autograd.grad(dev(xg, t).sample.sum(), xg)
+        cuda_sync()
+    return dev, time.perf_counter() - t0
+
+
+class CompiledPeers:
+    """Compiled copies of U-Nets (`compiled_model`), one per (model, bf16), and their timing.
+
+    A copy is compiled lazily, on its first call for each input shape. If the first call
+    fails in `mode` (e.g. "max-autotune" or its CUDA graphs), the default mode is tried
+    and the failure is kept in `errors` (reported, never hidden).
+
+    Args:
+      mode, backend, channels_last: as in `compiled_model`.
+    """
+
+    def __init__(self, *, mode: str | None = "max-autotune", backend: str = "inductor",
+                 channels_last: bool = False):
+        self.mode, self.backend, self.channels_last = mode, backend, channels_last
+        self._models: dict = {}
+        self.errors: list[dict] = []
+
+    def get(self, model, bf16: bool, mode="unset"):
+        """``(DeviceModel, mode)`` of `model`'s compiled copy (built once)."""
+        key = (id(model), bf16)
+        if key not in self._models or mode != "unset":
+            mode = self.mode if mode == "unset" else mode
+            dev, _ = compiled_model(model, mode=mode, backend=self.backend,
+                                    channels_last=self.channels_last, bf16=bf16)
+            self._models[key] = (dev, mode)
+        return self._models[key]
+
+    def measure(self, model, bf16: bool, run, reference, batch: int, *, repeats: int,
+                warmup: int) -> dict:
+        """Times ``run(compiled model)`` after checking its output against `reference`.
+
+        Args:
+          model: the eager ``UNet2DModel``.
+          bf16: autocast to bfloat16.
+          run: ``run(model_like) -> tensor`` (a purification or a gradient through the
+            peer's loop around the given U-Net).
+          reference: NHWC NumPy output the first call is compared with.
+          batch: images per call.
+          repeats, warmup: as in `timing.median_time` (after the first, compiling call).
+
+        Returns:
+          ``peer_compiled_s`` / ``_images_per_s`` (per image), ``_first_call_s`` (compile
+          and one run), ``_max_abs_diff`` (to `reference`), ``_mode``; or
+          ``peer_compiled_error`` when no mode worked.
+        """
+        from experiments.bench import timing
+
+        dev, mode = self.get(model, bf16)
+        for attempt in range(2):
+            try:
+                t0 = time.perf_counter()
+                out = run(dev)
+                cuda_sync()
+                first = time.perf_counter() - t0
+                break
+            except Exception as e:  # noqa: BLE001 - recorded; the default mode is tried next
+                err = f"{type(e).__name__}: {e}"[:1000]
+                self.errors.append({"mode": mode, "bf16": bf16, "error": err})
+                if attempt or mode is None:
+                    return {"peer_compiled_error": err}
+                dev, mode = self.get(model, bf16, mode=None)
+        diff = float(np.abs(to_nhwc(out.float().cpu()) - reference).max())
+        tc, _ = timing.median_time(lambda: run(dev), repeats=repeats, warmup=warmup,
+                                   sync=cuda_sync)
+        return {"peer_compiled_s": tc / batch, "peer_compiled_images_per_s": batch / tc,
+                "peer_compiled_first_call_s": first, "peer_compiled_max_abs_diff": diff,
+                "peer_compiled_mode": f"torch.compile(mode={mode!r}, backend={self.backend!r})"
+                                      f", channels_last={self.channels_last}"}
+
+
+def _tf32_knobs() -> list:
+    """Torch's TF32 switches as (name, object, attribute, exact-fp32 value): the
+    ``fp32_precision`` API where present (torch >= 2.9 refuses a mix of it and the legacy
+    ``allow_tf32``), else ``allow_tf32``."""
+    b = torch.backends
+    conv = getattr(b.cudnn, "conv", None)
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        return [("cuda.matmul.fp32_precision", b.cuda.matmul, "fp32_precision", "ieee"),
+                ("cudnn.conv.fp32_precision", conv, "fp32_precision", "ieee")]
+    return [("cuda.matmul.allow_tf32", b.cuda.matmul, "allow_tf32", False),
+            ("cudnn.allow_tf32", b.cudnn, "allow_tf32", False)]
+
+
+def tf32_flags() -> dict:
+    """The current TF32 settings of torch (matmul, cuDNN conv), for the record."""
+    return {name: getattr(o, a) for name, o, a, _ in _tf32_knobs()}
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off in torch (matmuls and cuDNN convolutions) inside the block."""
+    knobs = _tf32_knobs()
+    old = [getattr(o, a) for _, o, a, _ in knobs]
+    for _, o, a, v in knobs:
+        setattr(o, a, v)
+    try:
+        yield
+    finally:
+        for (_, o, a, _), v in zip(knobs, old, strict=True):
+            setattr(o, a, v)
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def cuda_sync(_=None):
+    """``torch.cuda.synchronize()`` where CUDA is (a `timing.median_time` ``sync``)."""
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def cuda_reset_peak() -> None:
+    """Resets torch's CUDA peak-memory counter (no-op without CUDA)."""
+    if _cuda():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_allocated() -> int:
+    """Bytes torch has allocated on the GPU now (0 without CUDA)."""
+    return torch.cuda.memory_allocated() if _cuda() else 0
+
+
+def cuda_peak_mb(base: int) -> float | None:
+    """MB of torch's CUDA peak above `base` bytes (None without CUDA)."""
+    return (torch.cuda.max_memory_allocated() - base) / 2**20 if _cuda() else None
+
+
+def cuda_empty_cache() -> None:
+    """Returns torch's cached CUDA blocks (no-op without CUDA)."""
+    if _cuda():
+        torch.cuda.empty_cache()

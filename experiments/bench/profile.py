@@ -1,22 +1,28 @@
-"""Where the time goes, and what the paper's evaluation would cost on a GPU (a projection).
+"""Where the time goes, and what the paper's evaluation costs: FLOPs, peaks, projections.
 
-- `model_flops`: FLOPs of one U-Net call (forward) and of one gradient step through it,
-  from XLA's ``cost_analysis()`` of the compiled programs (a multiply-add counts 2 FLOPs),
-  for Ho et al.'s CIFAR-10 model (35.7M) and score_sde's DDPM++ deep (106.6M, the paper's
-  CIFAR-10 purifier), no weights needed (shapes only: ``jax.eval_shape`` of the init).
+Shared by the CPU suite (`experiments.bench.cases`) and the GPU suite (`experiments.bench.gpu`):
+
+- `eps_flops` / `model_flops`: FLOPs of one U-Net call (forward) and of its input gradient,
+  from XLA's cost analysis of the HLO lowered for the CPU (a multiply-add counts 2 FLOPs;
+  on a GPU, XLA's own cost analysis leaves out the cuDNN convolutions), with abstract
+  weights (``jax.eval_shape`` of the init: no memory, no weights needed).
 - `peer_top_ops`: ``torch.profiler`` of the peer's purification loop, the top operators
   by self CPU time and how many operators one step dispatches.
-- `xla_achieved`: achieved FLOP/s of diffjax's timed cases from the FLOPs of one call.
+- `xla_achieved` / `achieved`: achieved FLOP/s of timed cases, and their fractions of
+  `GPU_PEAKS` / `H100_PEAKS`.
 - `projection`: the paper's full-gradient CIFAR-10 evaluation (PGD-200, EOT-20, 100 steps)
-  projected from FLOPs and an ASSUMED sustained fraction of a GPU's peak. It is arithmetic,
-  not a measurement: there is no GPU in this task.
+  from FLOPs and an ASSUMED sustained fraction of a GPU's peak (arithmetic).
+- `measured_projection`: the same evaluation from MEASURED per-image times (the GPU suite).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
-__all__ = ["model_flops", "peer_top_ops", "xla_achieved", "projection", "GPU_PEAKS"]
+__all__ = ["GPU_PEAKS", "H100_PEAKS", "PAPER_DAYS", "eps_flops", "abstract_eps",
+           "model_flops", "peer_top_ops", "xla_achieved", "achieved", "projection",
+           "measured_projection", "precision_probe", "jax_precision"]
 
 # Dense peak FLOP/s from the vendors' data sheets (SXM parts, no sparsity).
 GPU_PEAKS = {
@@ -27,6 +33,83 @@ GPU_PEAKS = {
     "H100 tf32 tensor": 494e12,
     "H100 fp32": 67e12,
 }
+# The GPU suite's fractions of peak (keys as in the committed results), with the bf16
+# matmul measured on the lent H100 (798 TFLOP/s at 16384^3).
+H100_PEAKS = {"bf16 989 (datasheet)": GPU_PEAKS["H100 bf16 tensor"],
+              "bf16 798 (measured matmul)": 798e12,
+              "tf32 494 (datasheet)": GPU_PEAKS["H100 tf32 tensor"],
+              "fp32 67 (datasheet)": GPU_PEAKS["H100 fp32"]}
+PAPER_DAYS = 10.0  # the paper's full-gradient CIFAR-10 evaluation, one GPU (PAPER_NOTES)
+
+
+def eps_flops(eps_fn, resolution: int, channels: int) -> dict:
+    """FLOPs per image of one ``eps_fn`` call and of its input gradient (batch 1).
+
+    Counted on the unoptimised HLO lowered for the CPU (``Lowered.cost_analysis``: no
+    compile; within 1% of the compiled CPU count), falling back to the compiled CPU
+    program. Not a GPU's own count: there XLA leaves out the convolutions (cuDNN custom
+    calls), 1.06 instead of 11.66 GFLOPs for the 35.7M U-Net's forward (H100 run 1).
+
+    Args:
+      eps_fn: a `jax.tree_util.Partial` ``eps_fn(x_t, t)``; its leaves may be arrays or
+        ``jax.ShapeDtypeStruct`` (`abstract_eps`).
+      resolution, channels: the image shape.
+
+    Returns:
+      ``{"forward_flops", "grad_flops"}`` (the gradient: ``d sum(eps) / d x``, one forward
+      and one backward, no remat).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                            eps_fn)
+
+    def fwd(e, x, t):
+        return e(x, t)
+
+    def grad(e, x, t):
+        return jax.grad(lambda x: jnp.sum(e(x, t)))(x)
+
+    def flops(f):
+        with jax.default_device(jax.devices("cpu")[0]):
+            try:
+                lowered = jax.jit(f).trace(abstract, x, t).lower(lowering_platforms=("cpu",))
+            except (AttributeError, TypeError):  # an older JAX: the default device's
+                lowered = jax.jit(f).lower(abstract, x, t)
+            try:
+                cost = lowered.cost_analysis()
+            except Exception:  # noqa: BLE001 - older/newer JAX: use the compiled program's
+                cost = None
+            if not cost or "flops" not in (cost[0] if isinstance(cost, list) else cost):
+                cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"])
+
+    return {"forward_flops": flops(fwd), "grad_flops": flops(grad)}
+
+
+def abstract_eps(kind: str, config: dict):
+    """``(eps_fn, resolution, channels, params)`` of a model with abstract weights.
+
+    ``eps_fn`` is a `jax.tree_util.Partial` whose weights are ``jax.ShapeDtypeStruct``s
+    (``jax.eval_shape`` of the init): enough for `eps_flops`, nothing allocated.
+    """
+    import jax
+
+    from diffjax import models
+
+    module = models.build(kind, config)
+    spec = models.get_spec(kind)
+    variables = jax.eval_shape(lambda k: spec.init(module, config, k), jax.random.key(0))
+    params = int(sum(math.prod(v.shape) for v in jax.tree.leaves(variables["params"])))
+    eps = jax.tree_util.Partial(
+        lambda v, x, t, m=module, c=config, sp=spec: sp.make_fn(m, c, v)(x, t), variables)
+    res = config.get("resolution", config.get("image_size", 32))
+    ch = config.get("in_channels", config.get("num_channels", 3))
+    return eps, res, ch, params
 
 
 def _cost(fn, *args) -> dict:
@@ -49,30 +132,24 @@ def model_flops(kind: str, config: dict, batch: int = 1) -> dict:
 
     Returns:
       ``{"params", "forward_flops", "forward_bytes", "grad_flops"}`` per image; the grad
-      is ``d sum(eps) / d x`` (one forward + one backward, no remat).
+      is ``d sum(eps) / d x`` (one forward + one backward, no remat). Counted on the
+      compiled CPU program (`eps_flops` counts the unoptimised one, within 1%).
     """
     import jax
     import jax.numpy as jnp
 
-    from diffjax import models
-
-    module = models.build(kind, config)
-    res = config.get("resolution", config.get("image_size", 32))
-    ch = config.get("in_channels", config.get("num_channels", 3))
+    eps, res, ch, params = abstract_eps(kind, config)
     x = jax.ShapeDtypeStruct((batch, res, res, ch), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    spec = models.get_spec(kind)
-    variables = jax.eval_shape(lambda k: spec.init(module, config, k), jax.random.key(0))
-    params = int(sum(math.prod(v.shape) for v in jax.tree.leaves(variables["params"])))
 
-    def fwd(v, x, t):
-        return spec.make_fn(module, config, v)(x, t)
+    def fwd(e, x, t):
+        return e(x, t)
 
-    def grad(v, x, t):
-        return jax.grad(lambda x: jnp.sum(fwd(v, x, t)))(x)
+    def grad(e, x, t):
+        return jax.grad(lambda x: jnp.sum(e(x, t)))(x)
 
-    f = _cost(fwd, variables, x, t)
-    g = _cost(grad, variables, x, t)
+    f = _cost(fwd, eps, x, t)
+    g = _cost(grad, eps, x, t)
     return {"params": params, "forward_flops": f["flops"] / batch,
             "forward_bytes": f["bytes_accessed"] / batch, "grad_flops": g["flops"] / batch}
 
@@ -150,3 +227,149 @@ def projection(forward_flops: float, grad_flops: float, *, iterations: int = 200
         "iterations": iterations, "eot": eot, "steps": steps,
         "forward_equivalents_per_step_of_a_gradient": per_step_grad / forward_flops},
         "gpu_days": gpu}
+
+
+def achieved(flops_per_image: float, s_per_image: float, peaks: dict | None = None) -> dict:
+    """Achieved TFLOP/s of a timed case and its fraction of each of `peaks` (FLOP/s).
+
+    Returns:
+      ``{"flops_per_image", "diffjax_tflops", "fraction_of_peak": {peak name: fraction}}``.
+    """
+    tf = flops_per_image / s_per_image / 1e12
+    peaks = H100_PEAKS if peaks is None else peaks
+    return {"flops_per_image": flops_per_image, "diffjax_tflops": tf,
+            "fraction_of_peak": {k: tf * 1e12 / v for k, v in peaks.items()}}
+
+
+def measured_projection(results: dict, *, iterations: int, eot: int, steps: int,
+                        t_star: int, images=(512, 1000, 10000),
+                        paper_days: float = PAPER_DAYS) -> dict:
+    """Projected days of the paper's evaluation from MEASURED per-image times (one GPU).
+
+    Per image: `iterations` EOT-`eot` gradients through `steps` steps (the measured
+    ``{model}_eot*`` time, else `eot` x the measured ``{model}_grad_t*`` time) plus `eot`
+    evaluation purifications (the measured ``{model}_purify*`` time at the largest batch).
+    The classifier (a WRN-28-10 gradient is under 1% of one purifier gradient) is left out.
+
+    Args:
+      results: the GPU suite's cases, named ``{model}_{purify|grad_t|eot}..._{dtype}``
+        with ``batch``, ``diffjax_s`` and, where the peer ran, ``peer_s``.
+
+    Returns:
+      ``{"assumptions", "by_model": {"{model}_{dtype}_{side}": {"eot_grad_s_per_image",
+      "eot_source", "purify_s_per_image", "s_per_image", "days", "vs_paper_10_days",
+      "within_1_day"}}}``.
+    """
+    from experiments.bench import report
+
+    cases = report.cases_of(results)
+    out = {}
+    for model in ("ddpm", "ddpmpp"):
+        for dt in ("fp32", "bf16"):
+            for side, field in (("diffjax", "diffjax_s"), ("peer", "peer_s")):
+                def pick(prefix, _dt=dt, _field=field, _model=model):
+                    c = [(r.get("batch", 0), r[_field]) for n, r in cases.items()
+                         if n.startswith(f"{_model}_{prefix}") and n.endswith(_dt)
+                         and r.get(_field)]
+                    return max(c)[1] if c else None
+
+                pur, grad, eot_s = pick("purify"), pick("grad_t"), pick("eot")
+                if side == "peer":
+                    eot_s = None  # never timed: a Python loop of `eot` checkpointed gradients
+                if pur is None or (grad is None and eot_s is None):
+                    continue
+                src = f"measured {model}_eot{eot}_grad" if eot_s else \
+                    f"{eot} x measured {model}_grad_t{steps}"
+                eot_s = eot_s if eot_s else eot * grad
+                per_image = iterations * eot_s + eot * pur
+                days = {str(n): n * per_image / 86400 for n in images}
+                out[f"{model}_{dt}_{side}"] = {
+                    "eot_grad_s_per_image": eot_s, "eot_source": src,
+                    "purify_s_per_image": pur, "s_per_image": per_image, "days": days,
+                    "vs_paper_10_days": {n: d / paper_days for n, d in days.items()},
+                    "within_1_day": {n: d <= 1.0 for n, d in days.items()}}
+    return {"assumptions": {"iterations": iterations, "eot": eot, "steps": steps,
+                            "t_star": t_star, "gpus": 1, "paper_days": paper_days},
+            "by_model": out}
+
+
+@contextlib.contextmanager
+def jax_precision(value):
+    """``jax_default_matmul_precision`` set to `value` inside the block."""
+    import jax
+
+    old = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", value)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", old)
+
+
+def precision_probe(dev, probe_n: int) -> dict:
+    """JAX's and torch's default float32 precision (TF32?) and matmul throughput on `dev`.
+
+    The relative error of a float32 matmul (at most 1024^2, against a float64 host
+    reference) and of a 3x3 convolution (128 channels, 32x32) at the default precision
+    against 'highest', torch's TF32 flags and errors, and the TFLOP/s of a `probe_n`^3
+    matmul in bf16 and default-precision float32.
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.bench import timing
+
+    n = min(probe_n, 1024)  # the float64 reference is computed on the host
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), np.float32)
+    b = rng.standard_normal((n, n), np.float32)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    rel = lambda c: float(np.abs(np.asarray(c, np.float64) - ref).max() / np.abs(ref).max())
+    ad, bd = jax.device_put((a, b), dev)
+    mm = lambda a, b: a @ b
+    out = {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+           "jax_matmul_rel_err_default": rel(jax.jit(mm)(ad, bd))}
+    with jax_precision("highest"):
+        out["jax_matmul_rel_err_highest"] = rel(jax.jit(mm)(ad, bd))
+    out["jax_default_f32_matmul_is_tf32_like"] = out["jax_matmul_rel_err_default"] > 1e-5
+    # A 3x3 convolution, 128 -> 128 channels, the U-Net's typical layer.
+    xc = rng.standard_normal((8, 32, 32, 128), np.float32)
+    kc = rng.standard_normal((3, 3, 128, 128), np.float32) / math.sqrt(9 * 128)
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with jax_precision("highest"):
+        c_hi = np.asarray(jax.jit(conv)(xc, kc), np.float64)
+    c_def = np.asarray(jax.jit(conv)(xc, kc), np.float64)
+    out["jax_conv_rel_err_default_vs_highest"] = float(
+        np.abs(c_def - c_hi).max() / np.abs(c_hi).max())
+    big = probe_n
+    ab = jax.random.normal(jax.random.key(0), (2, big, big), jnp.float32)
+    for dt, key in ((jnp.bfloat16, "jax_bf16_matmul_tflops"),
+                    (jnp.float32, "jax_f32_default_matmul_tflops")):
+        f = functools.partial(jax.jit(mm), ab[0].astype(dt), ab[1].astype(dt))
+        t = timing.median_time(f, repeats=10, warmup=2)[0]
+        out[key] = 2 * big ** 3 / t / 1e12
+    out["matmul_probe_n"] = big
+    del ab
+    try:
+        import torch
+
+        from experiments.bench import peer
+    except ImportError as e:
+        out["torch"] = f"unavailable: {e}"
+    else:
+        out["torch_tf32_flags"] = peer.tf32_flags()
+        out["torch_cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        if torch.cuda.is_available():
+            at, bt = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+            out["torch_matmul_rel_err_default"] = rel((at @ bt).cpu().numpy())
+            xt = torch.from_numpy(xc).permute(0, 3, 1, 2).contiguous().cuda()
+            kt = torch.from_numpy(kc).permute(3, 2, 0, 1).contiguous().cuda()
+            ct = torch.nn.functional.conv2d(xt, kt, padding=1).permute(0, 2, 3, 1)
+            out["torch_conv_rel_err_default_vs_jax_highest"] = float(
+                np.abs(ct.cpu().numpy().astype(np.float64) - c_hi).max()
+                / np.abs(c_hi).max())
+    return out

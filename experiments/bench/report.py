@@ -14,7 +14,8 @@ import os
 import pathlib
 import platform
 
-__all__ = ["REQUIRED_FIELDS", "machine_info", "write", "markdown_table", "cases_of"]
+__all__ = ["REQUIRED_FIELDS", "machine_info", "write", "markdown_table", "cases_of",
+           "gpu_markdown", "gpu_versions", "device_peak_mb"]
 
 REQUIRED_FIELDS = ("diffjax_s", "peer_s", "ratio", "diffjax_peak_mb", "peer_peak_mb",
                    "max_abs_diff")
@@ -143,3 +144,110 @@ def write(out_dir, results: dict, meta: dict) -> tuple[pathlib.Path, pathlib.Pat
     mpath = out / "benchmarks.md"
     mpath.write_text("\n".join(md))
     return jpath, mpath
+
+
+def gpu_versions() -> dict:
+    """Device and library versions (whatever is importable)."""
+    import importlib
+    import sys
+
+    import jax
+
+    out = {"python": sys.version.split()[0], "jax_devices": str(jax.devices()),
+           "jax_backend": jax.default_backend(),
+           "device_kind": jax.devices()[0].device_kind,
+           "env": {k: v for k, v in os.environ.items()
+                   if k.startswith(("XLA_", "JAX_", "TF_GPU", "CUDA_VISIBLE"))}}
+    for name in ("jax", "jaxlib", "flax", "numpy", "torch", "diffusers", "huggingface_hub"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            out[name] = f"unavailable: {type(e).__name__}"
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        out.update(torch_device=torch.cuda.get_device_name(), torch_cuda=torch.version.cuda,
+                   torch_cudnn=torch.backends.cudnn.version(),
+                   gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return out
+
+
+def device_peak_mb(dev) -> float | None:
+    """Peak MB a JAX device has had in use (None where it keeps no statistics: CPU)."""
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # noqa: BLE001 - CPU devices have none
+        return None
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats \
+        else None
+
+
+def gpu_markdown(data: dict) -> str:
+    """``benchmarks.md`` of a GPU run: setup, the case table, throughput, memory, projection."""
+    meta, cases = data["_meta"], cases_of(data)
+    v, p = meta.get("versions", {}), meta.get("precision", {})
+    lines = [f"# diffjax GPU benchmarks ({meta.get('settings', {}).get('name')})", "",
+             f"Device: {v.get('device_kind')} ({v.get('torch_device', '-')}, "
+             f"{_fmt(v.get('gpu_memory_gb'))} GB); jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, "
+             f"flax {v.get('flax')}, torch {v.get('torch')} (CUDA {v.get('torch_cuda', '-')}, "
+             f"cuDNN {v.get('torch_cudnn', '-')}), diffusers {v.get('diffusers')}.", "",
+             f"Command: `{meta.get('command')}`; elapsed {_fmt(meta.get('elapsed_s'))} s; "
+             f"skipped (time budget): {', '.join(meta.get('skipped', [])) or 'none'}.", "",
+             f"Precision: `jax_default_matmul_precision` = "
+             f"{p.get('jax_default_matmul_precision')!r}; f32 matmul relative error, JAX "
+             f"default {_fmt(p.get('jax_matmul_rel_err_default'))} vs 'highest' "
+             f"{_fmt(p.get('jax_matmul_rel_err_highest'))} (TF32-like: "
+             f"{p.get('jax_default_f32_matmul_is_tf32_like')}); conv default vs highest "
+             f"{_fmt(p.get('jax_conv_rel_err_default_vs_highest'))}; torch TF32 flags "
+             f"{p.get('torch_tf32_flags')}, torch matmul relative error "
+             f"{_fmt(p.get('torch_matmul_rel_err_default'))}, conv vs JAX highest "
+             f"{_fmt(p.get('torch_conv_rel_err_default_vs_jax_highest'))}. "
+             f"Matmul probe: bf16 {_fmt(p.get('jax_bf16_matmul_tflops'))} TFLOP/s, f32 default "
+             f"{_fmt(p.get('jax_f32_default_matmul_tflops'))} TFLOP/s.", "",
+             "## All cases (seconds per image)", "", markdown_table(data), "",
+             "## Throughput and achieved FLOP/s", "",
+             "| case | dtype | batch | diffjax img/s | peer img/s | peer/diffjax | diffjax "
+             "TFLOP/s | of bf16 989 | of tf32 494 | compile s | XLA MB | peer MB | bf16 vs "
+             "fp32 max diff (diffjax; peer) |", "|" + "---|" * 13]
+    for name, r in cases.items():
+        if r.get("diffjax_tflops") is None:
+            continue
+        fr = r.get("fraction_of_peak", {})
+        lines.append(
+            f"| `{name}` | {r.get('dtype')} | {r.get('batch')} | "
+            f"{_fmt(r.get('diffjax_images_per_s'))} | {_fmt(r.get('peer_images_per_s'))} | "
+            f"{_fmt(r.get('ratio'))} | {_fmt(r.get('diffjax_tflops'))} | "
+            f"{_fmt(fr.get('bf16 989 (datasheet)'))} | {_fmt(fr.get('tf32 494 (datasheet)'))} | "
+            f"{_fmt(r.get('compile_s'))} | {_fmt(r.get('diffjax_peak_mb'))} | "
+            f"{_fmt(r.get('peer_peak_mb'))} | {_fmt(r.get('bf16_vs_fp32_max_abs_diff'))}; "
+            f"{_fmt(r.get('peer_bf16_vs_fp32_max_abs_diff'))} |")
+    lines += ["", "## FLOPs per image (XLA cost analysis)", "",
+              "| model | parameters | forward GFLOPs | input-gradient GFLOPs | bf16 convs |",
+              "|---|---|---|---|---|"]
+    for k, fl in data.get("_flops", {}).items():
+        lines.append(f"| {k} | {fl['params']:,} | {fl['forward_flops'] / 1e9:.4g} | "
+                     f"{fl['grad_flops'] / 1e9:.4g} | "
+                     f"{fl['op_dtypes']['bf16']['conv_general_dilated']} |")
+    mem = cases.get("ddpm_grad_memory", {})
+    if mem.get("diffjax_peak_mb_by_steps"):
+        lines += ["", "## Gradient memory against steps (MB)", "",
+                  f"diffjax (XLA temp + output, batch {mem.get('batch')}): "
+                  f"{mem['diffjax_peak_mb_by_steps']}; peer without checkpointing (CUDA peak "
+                  f"growth, batch {mem.get('peer_batch')}): {mem.get('peer_peak_mb_by_steps')}; "
+                  f"with: {mem.get('peer_ckpt_peak_mb_by_steps')}."]
+    proj = data.get("_projection", {})
+    if proj.get("by_model"):
+        a = proj["assumptions"]
+        lines += ["", f"## Projected wall time of the paper's evaluation (PGD-{a['iterations']}"
+                  f" x EOT-{a['eot']}, {a['steps']} steps, one GPU), days", "",
+                  "| model, dtype, side | EOT gradient s/img (source) | purify s/img | 512 | "
+                  "1000 | 10000 | 10000 vs paper's 10 days |", "|---|---|---|---|---|---|---|"]
+        for k, r in proj["by_model"].items():
+            d = r["days"]
+            lines.append(f"| {k} | {_fmt(r['eot_grad_s_per_image'])} ({r['eot_source']}) | "
+                         f"{_fmt(r['purify_s_per_image'])} | {_fmt(d.get('512'))} | "
+                         f"{_fmt(d.get('1000'))} | {_fmt(d.get('10000'))} | "
+                         f"{_fmt(r['vs_paper_10_days'].get('10000'))}x |")
+    return "\n".join(lines) + "\n"

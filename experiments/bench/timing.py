@@ -36,17 +36,25 @@ def _block(out):
     return jax.block_until_ready(out)
 
 
-def median_time(fn, *, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+def median_time(fn, *, repeats: int, warmup: int = 1,
+                sync=None) -> tuple[float, list[float]]:
     """Median wall time of `fn()` in seconds, after `warmup` untimed calls.
 
-    JAX outputs are waited for (``block_until_ready``); torch on CPU is synchronous.
+    Args:
+      fn: the call to time.
+      repeats: timed calls.
+      warmup: untimed calls first.
+      sync: called on each result before the clock stops; default: JAX's
+        ``block_until_ready`` (torch on CPU is synchronous; on a GPU pass one that calls
+        ``torch.cuda.synchronize``, e.g. `peer.cuda_sync`).
     """
+    sync = _block if sync is None else sync
     for _ in range(warmup):
-        _block(fn())
+        sync(fn())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _block(fn())
+        sync(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
