@@ -1,5 +1,6 @@
 """Schedules, the forward process and diffusion purifiers (API.md: `diffjax.diffusion`)."""
 
+from diffjax.diffusion.likelihood import Likelihood, log_likelihood, score_norm
 from diffjax.diffusion.purifier import ChainPurifier, make_purifier
 from diffjax.diffusion.samplers import (
     CLIP_GRADIENTS,
@@ -24,17 +25,20 @@ __all__ = [
     "CLIP_GRADIENTS",
     "METHODS",
     "Chain",
+    "Likelihood",
     "ChainPurifier",
     "Schedule",
     "VPSDE",
     "cosine_schedule",
     "from_model_space",
     "linear_schedule",
+    "log_likelihood",
     "make_chain",
     "make_purifier",
     "purify",
     "q_sample",
     "respaced_timesteps",
     "run_chain",
+    "score_norm",
     "to_model_space",
 ]
