@@ -22,8 +22,16 @@ pairs bootstrap (percentile intervals; the resampling indices come from a
 without computing a single attack gradient (Spearman or Kendall; a strongly negative value
 means lower rate, higher robustness), and `rank_purifiers` orders candidates by rate.
 
-Everything here is host-side numpy/scipy on a handful of points: results are Python floats,
-ready for ``results.json`` (`SigmoidFit.to_dict`).
+The sigmoid is fitted after the fact. `predict_from_compression` predicts instead, with no
+fitted parameter (the hyperspherical cap of the paper's OpenReview version): each example's
+critical distance `d` on the undefended classifier (`critical_distances`, a bisection over
+eps with a real attack) and a purifier's measured compression rate `c` and anchor accuracy
+`A` give ``A * P(d > c eps | d > 0)``; `compare_predictions` scores it against the
+measured accuracies (MAE, R^2).
+
+Everything here except `critical_distances` (which runs attacks) is host-side numpy/scipy
+on a handful of points: results are Python floats, ready for ``results.json``
+(`SigmoidFit.to_dict`, `compare_predictions`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ __all__ = [
     "predict",
     "rank_correlation",
     "rank_purifiers",
+    "critical_distances",
+    "predict_from_compression",
+    "compare_predictions",
 ]
 
 PARAM_NAMES = ("upper", "lower", "slope", "midpoint")
@@ -346,3 +357,193 @@ def rank_purifiers(rates, names=None, *, fit: SigmoidFit | None = None) -> list[
             row["predicted_robust_accuracy"] = float(predict(fit, r[i]))
         out.append(row)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Robustness predicted from compression with no fitted parameter (the hyperspherical cap).
+# --------------------------------------------------------------------------------------
+#
+# The OpenReview version of the paper explains the sigmoid with a hyperspherical cap: along
+# an adversarial direction the classifier's label flips at a critical distance d; a
+# purifier that shrinks the eps-ball around its anchor by its compression rate c keeps an
+# example whose critical distance exceeds the shrunk radius, d > c eps. Measure every
+# example's d once, on the undefended classifier (`critical_distances`), and every sweep
+# point's robust accuracy follows from its measured rate alone
+# (`predict_from_compression`); `compare_predictions` scores the prediction.
+
+
+def critical_distances(
+    logits_fn,
+    x,
+    y,
+    example_keys,
+    *,
+    attack=None,
+    norm: str = "linf",
+    eps_max: float = 0.5,
+    num_rounds: int = 12,
+    step_fraction: float = 0.25,
+) -> np.ndarray:
+    """Each example's critical distance on an undefended classifier, by bisection over eps.
+
+    The critical distance of `x` is the smallest budget at which `attack` fools the
+    classifier. Every example keeps its own bracket `[lo, hi]` (`hi` = `eps_max` first);
+    a round attacks the whole batch once with per-example budgets `eps = (lo + hi) / 2`
+    (traced: one compiled attack for all rounds) and moves `hi` to the norm of the
+    adversarial example found (<= eps) where the attack succeeds, `lo` to `eps` where it
+    fails. The result is `hi`: the norm of a real adversarial example, within
+    `eps_max / 2^num_rounds` of the smallest budget the attack succeeds at (attack success
+    is assumed monotone in eps; a stronger attack gives smaller distances).
+
+    Args:
+      logits_fn: the classifier, `(x [B,H,W,C] in [0, 1]) -> [B, K]`.
+      x: `[B, H, W, C]` clean images in [0, 1].
+      y: `[B]` int labels.
+      example_keys: `[B]` typed keys (the attack's random start; the fixed protocol).
+      attack: an attack config (`diffjax.attacks.PGDConfig`, `APGDConfig`, ...); its
+        `eps` is ignored and its `step_size`, where it has one, is set to
+        `step_fraction * eps` per example. Default: PGD-20 with the CE loss, in `norm`.
+      norm: the threat model of the default attack ("linf" or "l2").
+      eps_max: the largest budget tried (l_inf: at most 1).
+      num_rounds: bisection rounds after the first attack at `eps_max`.
+      step_fraction: the step size as a fraction of each example's budget.
+
+    Returns:
+      `[B]` float64 distances in the attack's norm: 0 where the clean image is already
+      misclassified, `inf` where the attack fails even at `eps_max`.
+    """
+    import jax.numpy as jnp
+
+    from diffjax.attacks import PGDConfig, engine
+    from diffjax.defense import undefended
+
+    _checks.check_images(x, "x")
+    y = jnp.asarray(y, jnp.int32)
+    _checks.check_choice(norm, "norm", ("linf", "l2"))
+    if attack is None:
+        attack = PGDConfig(norm=norm, eps=0.0, step_size=0.0, steps=20, loss="ce")
+    eps_max = _checks.check_number(eps_max, "eps_max", lo=0.0, lo_open=True,
+                                   hi=1.0 if attack.norm == "linf" else None)
+    num_rounds = _checks.check_int(num_rounds, "num_rounds", lo=0)
+    step_fraction = _checks.check_number(step_fraction, "step_fraction", lo=0.0,
+                                         lo_open=True)
+    defense = undefended(logits_fn)
+    has_step = hasattr(attack, "step_size")
+    n_key = "linf" if attack.norm == "linf" else "l2"
+
+    def fooled_at(eps):
+        e = jnp.asarray(eps, jnp.float32)
+        kw = {"step_size": e * step_fraction} if has_step else {}
+        res = engine.run(attack, defense, x, y, example_keys, "fixed", eps=e, **kw)
+        return np.array(res.success), np.array(getattr(res, n_key), np.float64)
+
+    clean_ok = np.asarray(jnp.argmax(logits_fn(x), axis=-1) == y)
+    b = x.shape[0]
+    lo = np.zeros(b)
+    hi = np.full(b, eps_max)
+    ok, dist = fooled_at(hi)
+    ok &= clean_ok
+    hi = np.where(ok, np.minimum(hi, dist), hi)
+    never = clean_ok & ~ok
+    for _ in range(num_rounds):
+        mid = 0.5 * (lo + hi)
+        ok, dist = fooled_at(mid)
+        hi = np.where(ok, np.minimum(mid, dist), hi)
+        lo = np.where(ok, lo, mid)
+    out = np.where(clean_ok, hi, 0.0)
+    return np.where(never, np.inf, out)
+
+
+def predict_from_compression(critical_distance, rates, eps: float, *,
+                             anchor_accuracy=None) -> np.ndarray:
+    """Fixed-randomness robust accuracy predicted from compression rates, nothing fitted.
+
+    The hyperspherical-cap rule: a purifier with compression rate `c` shrinks the eps-ball
+    around its anchor to radius `c eps`, so an example stays correct when its anchor is
+    classified correctly and its critical distance exceeds `c eps`:
+
+        predicted(c) = A * P(d > c eps | d > 0),
+
+    `d` the undefended classifier's critical distances (`critical_distances`; 0 for a
+    misclassified clean image) and `A` the purifier's anchor accuracy (its clean accuracy
+    under fixed randomness, measured without any attack). The conditional survival is
+    taken over the examples the classifier gets right, so the two limits are the
+    measured ones: `c -> 0` gives `A`, and the identity purifier (`c = 1`, `A` = the
+    classifier's clean accuracy) gives the undefended robust accuracy `P(d > eps)`.
+    Without `anchor_accuracy`, `A` is the classifier's own clean accuracy `P(d > 0)`
+    (anchors assumed as accurate as the clean images). The rule assumes the purifier keeps
+    each anchor's margin (its critical distance at the anchor equals the clean one's) and
+    shrinks the adversarial direction as much as an average one (the rate is the RMS
+    singular value).
+
+    Args:
+      critical_distance: `[N]` per-example critical distances (0: misclassified clean;
+        `inf`: never fooled within the searched budgets).
+      rates: `[n]` compression rates (one per purifier / sweep point), or `[n, N]`
+        per-example rates of the same examples (`metrics.compression_rate` per example),
+        then the rule is applied example by example.
+      eps: the attack budget, in the norm of the distances.
+      anchor_accuracy: None or `[n]` anchor (clean) accuracies of the purifiers.
+
+    Returns:
+      `[n]` predicted robust accuracies in [0, 1] (float64).
+    """
+    d = np.asarray(critical_distance, np.float64).ravel()
+    if d.size == 0 or np.any(np.isnan(d)) or np.any(d < 0):
+        _checks.fail("critical_distance", "non-negative distances (inf allowed), one per "
+                     "example", f"{d.size} values, min {np.nanmin(d) if d.size else None}")
+    eps = _checks.check_number(eps, "eps", lo=0.0)
+    r = np.asarray(rates, np.float64)
+    if r.ndim == 0:
+        r = r[None]
+    if r.ndim == 2 and r.shape[1] != d.size:
+        _checks.fail("rates", f"[n] rates or [n, {d.size}] per-example rates",
+                     f"shape {r.shape}")
+    if r.ndim > 2 or not np.all(np.isfinite(r)) or np.any(r < 0):
+        _checks.fail("rates", "finite non-negative compression rates, [n] or [n, N]",
+                     f"shape {r.shape}")
+    correct = d > 0
+    if not correct.any():
+        return np.zeros(r.shape[0])
+    shrunk = (r[:, None] if r.ndim == 1 else r) * eps  # [n, 1] or [n, N]
+    survives = d[None, :] > shrunk
+    survival = (survives & correct[None, :]).sum(axis=1) / correct.sum()
+    if anchor_accuracy is None:
+        anchor = np.full(r.shape[0], correct.mean())
+    else:
+        anchor = np.asarray(anchor_accuracy, np.float64).ravel()
+        if anchor.shape != (r.shape[0],) or np.any((anchor < 0) | (anchor > 1)):
+            _checks.fail("anchor_accuracy", f"{r.shape[0]} accuracies in [0, 1], one per "
+                         "rate", anchor)
+    return anchor * survival
+
+
+def compare_predictions(predicted, measured, *, labels=None) -> dict:
+    """How well predicted robust accuracies match measured ones (JSON-ready floats).
+
+    Args:
+      predicted: `[n]` predicted accuracies.
+      measured: `[n]` measured accuracies.
+      labels: optional `[n]` names of the points (e.g. ``"ddpm t*=100"``).
+
+    Returns:
+      ``{"mae", "max_abs_error", "r2", "n", "points": [{"predicted", "measured"[,
+      "label"]}, ...]}``: `r2 = 1 - SS_res / SS_tot` about the measured mean (NaN when the
+      measured values are all equal), the coefficient of determination of the prediction
+      itself (no fitted line in between).
+    """
+    p, m = _as_points(predicted, measured)
+    if labels is not None and len(labels) != p.size:
+        _checks.fail("labels", f"{p.size} labels, one per point", f"{len(labels)} labels")
+    err = p - m
+    ss_tot = float(np.sum((m - m.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else math.nan
+    points = []
+    for i in range(p.size):
+        row = {"predicted": float(p[i]), "measured": float(m[i])}
+        if labels is not None:
+            row["label"] = str(labels[i])
+        points.append(row)
+    return {"mae": float(np.mean(np.abs(err))) if p.size else math.nan,
+            "max_abs_error": float(np.max(np.abs(err))) if p.size else math.nan,
+            "r2": r2, "n": int(p.size), "points": points}
