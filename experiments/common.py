@@ -77,3 +77,55 @@ def parse_flags(argv):
               file=sys.stderr, flush=True)
         sys.exit(1)
     return rest
+
+
+def define_study_flags():
+    """--config (the study's config file; default the embedded default), --workdir,
+    --distributed, --jax_cache: the flags every study script shares. Returns the holders."""
+    from ml_collections import config_flags
+
+    try:  # with a default config file, overrides like --config.attack.steps apply at import
+        config = config_flags.DEFINE_config_file(
+            "config", "experiments/configs/reproduce.py",
+            "Study config file (:quick, :cifar10, :imagenet variants).")
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        exit_with_flag_error(e, sys.argv)
+    workdir = flags.DEFINE_string("workdir", None, "Directory for results, local or gs://...; "
+                                  "a rerun resumes. Shared by every study script.")
+    distributed = flags.DEFINE_bool("distributed", False,
+                                    "Call jax.distributed.initialize() (multi-host runs).")
+    cache = flags.DEFINE_string(
+        "jax_cache", "~/.cache/diffjax/jax_cache",
+        "JAX's persistent compilation cache ('' to disable): compiling the study's programs "
+        "is most of a CPU run's time, and a rerun or resume skips it.")
+    return config, workdir, distributed, cache
+
+
+def open_study(config, workdir: str | None, distributed: bool, jax_cache: str):
+    """Initialises JAX (multi-host with `distributed`), validates the config, opens the
+    work directory and loads the study's models and this process's examples."""
+    import os
+
+    import jax
+
+    from diffjax import parallel
+    from diffjax.study import Study, Workdir, validate_config
+
+    parallel.initialize(distributed)
+    if jax_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(jax_cache))
+    if not workdir:
+        raise ValueError("--workdir: required; e.g. --workdir=workdir/study")
+    validate_config(config)
+    fail_after = config.debug.fail_after_batches
+    wd = Workdir(workdir, log=log, fail_after_batches=fail_after if fail_after > 0 else None)
+    log(f"diffjax on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es), workdir {wd.path}")
+    return Study(config, wd, log)
+
+
+def write_summary(study, name: str, summary) -> None:
+    """Writes WORKDIR/<name>/summary.json (process 0) and says where."""
+    path = study.workdir.path / name / "summary.json"
+    study.workdir.write_json(path, summary)
+    log(f"wrote {path}")

@@ -50,7 +50,10 @@ import numpy as np
 from diffjax import _checks, parallel
 from diffjax.attacks import engine, evaluation
 
-__all__ = ["Cascade", "run_cascade"]
+__all__ = ["Cascade", "run_cascade", "ATTACK_NAMES"]
+
+# The attacks a cascade spec may name (`Cascade.from_spec`).
+ATTACK_NAMES = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,55 @@ class Cascade:
                              type(a).__name__)
         if self.chunk is not None:
             _checks.check_int(self.chunk, "cascade.chunk", lo=1)
+
+    @classmethod
+    def from_spec(cls, spec, *, norm: str = "linf", eps: float, steps: int,
+                  step_size: float | None = None, gradient=None, targets: int = 3,
+                  restarts: int = 1, loss: str = "ce", random_start: bool = True,
+                  queries: int | None = None, chunk: int | None = None,
+                  early_exit: bool = True) -> Cascade:
+        """A cascade from names: "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square".
+
+        Args:
+          spec: a comma-separated string or a sequence of names, run in that order.
+          norm, eps, steps, step_size, gradient, loss, random_start: the attacks'
+            settings (`step_size` and `loss` for PGD; `gradient` a `Gradient`).
+          targets: APGD-T's target classes (ranks 2 .. targets + 1; AutoAttack: 9).
+          restarts: random starts of each APGD (AutoAttack: 1 for APGD-CE, 1 per target).
+          queries: Square's query budget (default `steps`).
+          chunk, early_exit: as in `Cascade`.
+
+        Returns:
+          The `Cascade`.
+        """
+        from diffjax.attacks import apgd, gradients, pgd
+
+        names = [v.strip() for v in spec.split(",") if v.strip()] if isinstance(
+            spec, str) else list(spec)
+        if not names:
+            _checks.fail("spec", "attack names, e.g. 'apgd-ce,apgd-t'", repr(spec))
+        gradient = gradients.Gradient() if gradient is None else gradient
+        out = []
+        for name in names:
+            _checks.check_choice(name, "attack", ATTACK_NAMES)
+            if name == "pgd":
+                out.append(pgd.PGDConfig(norm=norm, eps=eps, steps=steps, loss=loss,
+                                         step_size=eps / 4 if step_size is None else step_size,
+                                         random_start=random_start, gradient=gradient))
+            elif name == "square":
+                from diffjax.attacks import square
+
+                out.append(square.SquareConfig(norm=norm, eps=eps,
+                                               steps=queries or steps))
+            else:
+                kind = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr_targeted"}[name]
+                ranks = range(2, targets + 2) if name == "apgd-t" else [2]
+                for rank in ranks:
+                    for r in range(restarts):
+                        out.append(apgd.APGDConfig(norm=norm, eps=eps, steps=steps, loss=kind,
+                                                   gradient=gradient, restart=r,
+                                                   target_rank=rank))
+        return cls(tuple(out), chunk=chunk, early_exit=early_exit)
 
 
 def _pack(active: np.ndarray, batch_size: int, buckets: Sequence[int]) -> list[np.ndarray]:

@@ -1,43 +1,67 @@
-"""A resumable work directory: finished parts are loaded, interrupted parts resume.
+"""A resumable work directory, local or in a bucket, that every process agrees on.
 
 Layout::
 
-    WORKDIR/parts/<part>.json           a finished part's JSON result
-    WORKDIR/parts/<part>/batch_<i>.npz  per-batch arrays of a part in progress (and after)
+    WORKDIR/parts/<part>.json         a finished part's JSON result
+    WORKDIR/parts/<part>.npz          a finished part's per-example arrays
+    WORKDIR/parts/<part>/<name>.npz   progress inside a part (an attack's rounds)
 
-Every file is written to a temporary name and renamed into place, so an interruption
-never leaves a half-written file that a rerun would trust. Only process 0 writes (multi-host
-runs compute on every process and write once).
+Paths go through `etils.epath` (what orbax and tfds use), so ``gs://bucket/run`` stays a
+URL all the way to the writes (with gcsfs installed) and local paths work as usual.
+Writes go to a temporary name and are renamed into place, so an interruption never leaves
+a half-written file that a rerun would trust (a bucket's object writes are atomic too).
+
+Several processes: process 0 decides. Whether a part is finished, and its content, are
+what process 0 reads from ITS work directory, broadcast to every process
+(`diffjax.parallel.broadcast_bytes`); the others never look at their own disks, so they
+cannot disagree and leave a collective hanging, and a part that only process 0's disk
+has is loaded by all. Only process 0 writes.
+
+Costs: every part's wall time, and the time JAX spent tracing, lowering and compiling
+while it ran (from `jax.monitoring`'s compile events), are recorded in `costs`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import pathlib
-import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
+from etils import epath
 
-__all__ = ["Workdir", "Interrupted"]
+from diffjax import parallel
+
+__all__ = ["Workdir", "Interrupted", "compile_seconds"]
+
+_COMPILE = {"seconds": 0.0, "registered": False}
+_LOCK = threading.Lock()
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+def _on_event(event: str, duration: float, **_kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        with _LOCK:
+            _COMPILE["seconds"] += float(duration)
+
+
+def compile_seconds() -> float:
+    """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
+    if not _COMPILE["registered"]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _COMPILE["registered"] = True
+    return _COMPILE["seconds"]
 
 
 class Interrupted(RuntimeError):
     """Raised by the test hook `fail_after_batches` to simulate a killed run."""
-
-
-def _atomic_write(path: pathlib.Path, write: Callable[[str], None]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _to_jsonable(obj):
@@ -52,31 +76,75 @@ def _to_jsonable(obj):
     return obj
 
 
+def as_path(path) -> epath.Path:
+    """`path` as an `epath.Path`: a URL (gs://...) stays a URL, a local path is expanded."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _npz_load(data: bytes) -> dict:
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
+
+
+class _Store:
+    """An attack's progress inside a part (the `store` of `attacks.cascade.run_cascade`)."""
+
+    def __init__(self, workdir: Workdir, folder: str):
+        self.workdir, self.folder = workdir, folder
+
+    def _path(self, name):
+        return self.workdir.path / "parts" / self.folder / f"{name}.npz"
+
+    def load(self, name):
+        data = self.workdir.read_agreed(self._path(name))
+        return None if data is None else _npz_load(data)
+
+    def save(self, name, arrays):
+        self.workdir.write(self._path(name), _npz_bytes(arrays))
+        self.workdir.batch_done(f"{self.folder}/{name}")
+
+    def delete(self, name):
+        if self.workdir.is_writer:
+            path = self._path(name)
+            if path.exists():
+                path.unlink()
+
+
 class Workdir:
-    """Caches the parts of a long computation under one directory.
+    """Caches the parts of a long computation under one directory (module docstring).
 
     Args:
-      path: the directory (created).
-      is_writer: whether this process writes (process 0 of a multi-host run).
-      fail_after_batches: a test hook: raise `Interrupted` after this many newly computed
-        batches (None: never).
+      path: the directory, local or a URL (created).
+      fail_after_batches: a test hook: raise `Interrupted` after this many newly saved
+        pieces of progress (None: never).
       log: a function that prints one progress line.
     """
 
-    def __init__(self, path, *, is_writer: bool = True, fail_after_batches: int | None = None,
+    def __init__(self, path, *, fail_after_batches: int | None = None,
                  log: Callable[[str], None] = print):
-        self.path = pathlib.Path(path).expanduser().resolve()
-        self.is_writer = is_writer
+        self.path = as_path(path)
+        self.is_writer = parallel.is_writer()
         self.fail_after_batches = fail_after_batches
         self.new_batches = 0
         self.log = log
         self.loaded_parts: list[str] = []
         self.computed_parts: list[str] = []
-        if is_writer:
+        self.costs: dict[str, dict] = {}
+        compile_seconds()  # start listening to compile events
+        if self.is_writer:
             self.check_writable(self.path)
 
     @staticmethod
-    def check_writable(path: pathlib.Path):
+    def check_writable(path: epath.Path):
         """Creates `path` and proves it is writable, or raises a one-line error."""
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -85,63 +153,94 @@ class Workdir:
             probe.unlink()
         except OSError as e:
             raise PermissionError(
-                f"workdir: cannot write to {path} ({e.strerror}); choose a writable "
+                f"workdir: cannot write to {path} ({e.strerror or e}); choose a writable "
                 "directory with --workdir") from e
 
-    def part_file(self, name: str) -> pathlib.Path:
-        return self.path / "parts" / f"{name}.json"
+    # -- files ------------------------------------------------------------------------
 
-    def has(self, name: str) -> bool:
-        return self.part_file(name).is_file()
-
-    def write_json(self, path: pathlib.Path, obj):
+    def write(self, path: epath.Path, data: bytes) -> None:
+        """Writes `data` to `path` through a temporary name (process 0 only)."""
         if not self.is_writer:
             return
-        text = json.dumps(_to_jsonable(obj), indent=2, sort_keys=True)
-        _atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def read_agreed(self, path: epath.Path) -> bytes | None:
+        """Process 0's content of `path` (None if it has none), on every process."""
+        data = None
+        if self.is_writer and path.exists():
+            data = path.read_bytes()
+        return parallel.broadcast_bytes(data)
+
+    def batch_done(self, what: str) -> None:
+        """Counts one newly saved piece of progress (and fires the test hook)."""
+        self.new_batches += 1
+        if self.fail_after_batches is not None and self.new_batches >= self.fail_after_batches:
+            raise Interrupted(f"test hook: stopped after {self.new_batches} saved pieces of "
+                              f"progress (the last: {what})")
+
+    def part_file(self, name: str, suffix: str = ".json") -> epath.Path:
+        return self.path / "parts" / f"{name}{suffix}"
+
+    def store(self, name: str) -> _Store:
+        """Where part `name` keeps its progress (`attacks.cascade.run_cascade`'s `store`)."""
+        return _Store(self, name)
+
+    # -- parts ------------------------------------------------------------------------
+
+    def _run(self, name: str, compute: Callable[[], object]):
+        self.log(f"[{name}] computing")
+        t0, c0 = time.time(), compile_seconds()
+        out = compute()
+        wall, comp = time.time() - t0, compile_seconds() - c0
+        self.costs[name] = {"wall_s": wall, "compile_s": comp, "run_s": max(wall - comp, 0.0)}
+        self.computed_parts.append(name)
+        self.log(f"[{name}] done in {wall:.1f} s ({comp:.1f} s compiling)")
+        # Kept beside the parts, so a resumed run still reports what every part cost.
+        path = self.path / "parts" / "_costs.json"
+        old = self.read_agreed(path)
+        every = {**(json.loads(old) if old else {}), name: self.costs[name]}
+        self.write(path, json.dumps(every, indent=2, sort_keys=True).encode())
+        return out
+
+    def all_costs(self) -> dict[str, dict]:
+        """The cost of every part computed in this work directory, in this run or before."""
+        old = self.read_agreed(self.path / "parts" / "_costs.json")
+        return {**(json.loads(old) if old else {}), **self.costs}
+
+    def _loaded(self, name: str, path: epath.Path):
+        self.loaded_parts.append(name)
+        self.log(f"[{name}] loaded from {path}")
 
     def part(self, name: str, compute: Callable[[], dict]) -> dict:
         """The JSON result of part `name`: loaded when finished, else computed and saved."""
         path = self.part_file(name)
-        if path.is_file():
-            self.loaded_parts.append(name)
-            self.log(f"[{name}] loaded from {path.relative_to(self.path)}")
-            return json.loads(path.read_text())
-        self.log(f"[{name}] computing")
-        result = _to_jsonable(compute())
-        self.write_json(path, result)
-        self.computed_parts.append(name)
+        data = self.read_agreed(path)
+        if data is not None:
+            self._loaded(name, path)
+            return json.loads(data)
+        result = _to_jsonable(self._run(name, compute))
+        self.write(path, json.dumps(result, indent=2, sort_keys=True).encode())
         return result
 
-    def batched(self, name: str, num_batches: int, compute: Callable[[int], dict],
-                progress: Iterable | None = None) -> dict[str, np.ndarray]:
-        """Per-batch arrays of part `name`, concatenated over batches.
+    def arrays(self, name: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
+        """The per-example arrays of part `name` (an npz), loaded or computed and saved."""
+        path = self.part_file(name, ".npz")
+        data = self.read_agreed(path)
+        if data is not None:
+            self._loaded(name, path)
+            return _npz_load(data)
+        result = {k: np.asarray(v) for k, v in self._run(name, compute).items()}
+        self.write(path, _npz_bytes(result))
+        return result
 
-        Each batch's dict of arrays is saved to `parts/<name>/batch_<i>.npz` as soon as it
-        is computed; a rerun loads the saved batches and computes only the missing ones.
-        """
-        folder = self.path / "parts" / name
-        results = []
-        loaded = 0
-        for i in range(num_batches):
-            file = folder / f"batch_{i:05d}.npz"
-            if file.is_file():
-                with np.load(file) as z:
-                    results.append({k: z[k] for k in z.files})
-                loaded += 1
-                continue
-            if self.fail_after_batches is not None and self.new_batches >= self.fail_after_batches:
-                raise Interrupted(f"test hook: stopped after {self.new_batches} new batches "
-                                  f"(in {name}, batch {i})")
-            t0 = time.time()
-            out = {k: np.asarray(v) for k, v in compute(i).items()}
-            if self.is_writer:
-                _atomic_write(file, lambda tmp, out=out: np.savez(open(tmp, "wb"), **out))
-            self.new_batches += 1
-            self.log(f"[{name}] batch {i + 1}/{num_batches} done in {time.time() - t0:.1f} s")
-            results.append(out)
-            if progress is not None:
-                progress.update(1)
-        if loaded:
-            self.log(f"[{name}] resumed: {loaded}/{num_batches} batches loaded")
-        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        """A finished array part, or None (every process gets process 0's)."""
+        data = self.read_agreed(self.part_file(name, ".npz"))
+        return None if data is None else _npz_load(data)
+
+    def write_json(self, path: epath.Path, obj) -> None:
+        self.write(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=True,
+                                    default=float).encode())

@@ -36,68 +36,111 @@ rising with compression strength along a logistic curve.
 import ml_collections
 
 
+def _attack(cascade: str, steps: int, *, eps: float = 0.1, step_size: float = 0.025,
+            targets: int = 3, chunk: int = 0) -> ml_collections.ConfigDict:
+    a = ml_collections.ConfigDict()
+    a.cascade = cascade  # attacks run in order, each on the examples still robust
+    a.norm = "linf"
+    a.eps = eps
+    a.step_size = step_size  # PGD's (APGD sets its own)
+    a.steps = steps  # per attack of the cascade
+    a.targets = targets  # APGD-T's target classes
+    a.restarts = 1
+    a.queries = 0  # Square's query budget (0: steps)
+    a.chunk = chunk  # early exit: iterations per round (0: the whole attack in one round)
+    a.early_exit = True
+    a.loss = "ce"
+    a.gradient = "full"
+    a.random_start = True
+    a.eot = 4  # EOT draws under the independent protocol
+    a.eot_batch_size = 0  # 0: all draws at once
+    return a
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.dataset = "digits"
     c.data_dir = None
+    c.split = ""  # "": test (validation for imagenet2012)
+    c.synthetic_data = False  # random images with the dataset's shape: no download
     c.diffusion = "digits_ddpm"  # a shipped name, or a directory from convert_checkpoint
     c.classifier = "digits_classifier"
     c.seed = 0
-    c.num_examples = 96
-    c.batch_size = 48
+    c.num_examples = 297
+    c.batch_size = 50
     c.methods = "ddpm,reverse_only,ddim,sde"  # comma-separated: --config.methods=ddpm,sde
     c.eval_draws = 8
+    c.protocols = "fixed,transfer,independent"  # what experiments.eval_robustness reports
 
     c.purifier = ml_collections.ConfigDict()
     c.purifier.t_star = 100
     c.purifier.num_steps = 10
+    c.purifier.resolution = 0  # 0: the diffusion model's own image size
+    c.purifier.remat = False  # 10 steps of a 0.28M U-Net on 8x8: the activations are small
+    c.purifier.clip_gradient = "hard"
 
-    c.attack = ml_collections.ConfigDict()
-    c.attack.norm = "linf"
-    c.attack.eps = 0.1
-    c.attack.step_size = 0.025
-    c.attack.steps = 10
-    c.attack.eot = 4
-    c.attack.loss = "ce"
-    c.attack.gradient = "full"
-    c.attack.random_start = True
+    # The purified models' attack; the undefended classifier (cheap) gets AutoAttack's.
+    c.attack = _attack("apgd-ce,apgd-t", 10, targets=3, chunk=5)
+    c.attack_undefended = _attack("apgd-ce,apgd-t", 100, targets=9, chunk=25)
 
     c.correlation = ml_collections.ConfigDict()
     c.correlation.eot = 16
-    c.correlation.num_examples = 48
+    c.correlation.num_examples = 50
 
     c.randomness = ml_collections.ConfigDict()
     c.randomness.num_images = 8
-    c.randomness.num_points = 48  # = batch_size: reuses the compiled purifier
+    c.randomness.num_points = 50
 
     c.compression = ml_collections.ConfigDict()
     c.compression.methods = "ddpm,reverse_only,ddim"
     c.compression.t_stars = "2,5,10,30,100,200,400"
     c.compression.num_examples = 16
-    c.compression.num_attack_examples = 96
+    c.compression.num_attack_examples = 100
     c.compression.min_clean_fraction = 0.9  # fit only points that keep the content
+    c.compression.estimator = "auto"  # exact below 1024 input dims, else Hutchinson
+    c.compression.num_probes = 64
+    c.compression.spectrum = "exact"  # "exact", "top_k" (Lanczos) or "none"
+    c.compression.top_k = 32
+    c.compression.chunk_size = 64
+    c.compression.ad_mode = "reverse"  # vjps: ~15x faster than jvps through the U-Net on CPU
+
+    c.audit = ml_collections.ConfigDict()
+    c.audit.enabled = True
+    c.audit.methods = "ddpm"
+    c.audit.num_examples = 50
+    c.audit.step_multipliers = "1,10"  # the study's steps x these, fixed and independent
+    c.audit.eps = "0.2,0.4"  # a larger budget must drive the accuracy towards 0
+    c.audit.square_queries = 300
+    c.audit.tolerance = 0.02  # a difference that counts (and is significant at 5%)
+    c.audit.max_large_eps_accuracy = 0.05
 
     c.fid_reference_examples = 1500
 
     c.debug = ml_collections.ConfigDict()
-    c.debug.fail_after_batches = -1  # test hook: > 0 stops the run after that many batches
+    c.debug.fail_after_batches = -1  # test hook: > 0 stops after that many saved pieces
 
     if arg == "quick":
         c.num_examples = 24
         c.batch_size = 24
         c.eval_draws = 4
         c.purifier.num_steps = 4
-        c.attack.steps = 4
-        c.attack.step_size = 0.04
+        c.attack = _attack("apgd-ce", 4, chunk=2, step_size=0.04)
         c.attack.eot = 2
+        c.attack_undefended = _attack("apgd-ce,apgd-t", 20, targets=3, chunk=10)
         c.correlation.eot = 4
         c.correlation.num_examples = 24
         c.randomness.num_images = 2
-        c.randomness.num_points = 24  # = batch_size: reuses the compiled purifier
+        c.randomness.num_points = 24
         c.compression.methods = "ddpm,reverse_only"
         c.compression.t_stars = "10,100,300"
         c.compression.num_examples = 4
         c.compression.num_attack_examples = 24
+        c.audit.num_examples = 24
+        c.audit.step_multipliers = "1,3"
+        c.audit.eps = "0.4"
+        c.audit.square_queries = 50
+        c.audit.tolerance = 0.05
+        c.audit.max_large_eps_accuracy = 0.2
         c.fid_reference_examples = 300
     elif arg == "cifar10":
         # The paper's CIFAR-10 setting (PAPER_NOTES.md): DDPM++ deep (score_sde) + WRN-28-10
@@ -111,10 +154,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.num_examples = 512
         c.batch_size = 64
         c.purifier.num_steps = 100
-        c.attack.eps = 8 / 255
-        c.attack.step_size = 0.007
-        c.attack.steps = 200
+        c.purifier.remat = True
+        c.attack = _attack("pgd", 200, eps=8 / 255, step_size=0.007, chunk=25)
         c.attack.eot = 20
+        c.attack_undefended = _attack("apgd-ce,apgd-t", 100, eps=8 / 255, targets=9, chunk=25)
         c.correlation.eot = 20
         c.correlation.num_examples = 64
         c.randomness.num_images = 16
@@ -122,11 +165,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.compression.t_stars = "25,50,100,150,200"
         c.compression.num_examples = 8
         c.compression.num_attack_examples = 128
+        c.compression.estimator = "hutchinson"  # d = 3,072
+        c.compression.spectrum = "top_k"
+        c.compression.top_k = 32
+        c.compression.chunk_size = 16
+        c.audit.num_examples = 64
+        c.audit.step_multipliers = "1,2"
+        c.audit.eps = "0.0627,0.125"  # 16/255, 32/255
+        c.audit.square_queries = 1000
         c.fid_reference_examples = 10000
     elif arg == "imagenet":
         # The paper's ImageNet setting: guided-diffusion 256x256 unconditional + ResNet-50,
         # t* = 150, BPDA-EOT l_inf 4/255 (full gradients through 150 steps at 256x256 were
-        # out of the paper's budget too).
+        # out of the paper's budget too); 224 for the classifier, 256 for the purifier.
         c.dataset = "imagenet2012"
         c.diffusion = "~/.cache/diffjax/checkpoints/guided_256_uncond"
         c.classifier = "~/.cache/diffjax/checkpoints/resnet50"
@@ -134,16 +185,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.batch_size = 16
         c.purifier.t_star = 150
         c.purifier.num_steps = 150
-        c.attack.eps = 4 / 255
-        c.attack.step_size = 1 / 255
-        c.attack.steps = 100
-        c.attack.eot = 20
+        c.purifier.remat = True
+        c.attack = _attack("pgd", 100, eps=4 / 255, step_size=1 / 255, chunk=25)
         c.attack.gradient = "bpda"
+        c.attack.eot = 20
+        c.attack.eot_batch_size = 1
+        c.attack_undefended = _attack("apgd-ce,apgd-t", 100, eps=4 / 255, targets=9, chunk=25)
         c.correlation.eot = 20
         c.correlation.num_examples = 16
         c.compression.t_stars = "50,100,150,200"
         c.compression.num_examples = 2
         c.compression.num_attack_examples = 64
+        c.compression.estimator = "hutchinson"  # d = 150,528: matrix-free only
+        c.compression.num_probes = 32
+        c.compression.spectrum = "top_k"
+        c.compression.top_k = 32
+        c.compression.chunk_size = 4
+        c.audit.num_examples = 16
+        c.audit.step_multipliers = "1,2"
+        c.audit.eps = "0.0314"  # 8/255
+        c.audit.square_queries = 1000
         c.fid_reference_examples = 5000
     elif arg:
         raise ValueError(f"config: unknown variant {arg!r}; use '', 'quick', 'cifar10' or "

@@ -1,0 +1,139 @@
+"""A gradient-masking audit: is the study's attack converged, and is its gradient real?
+
+A robust accuracy is only as good as the attack behind it (Athalye et al. 2018; Carlini et
+al. 2019, "On Evaluating Adversarial Robustness"; Croce & Hein 2020). The paper's own
+point is that a weak or mismatched evaluation inflates robustness, so the study audits
+its own attack, per audited method, on the first `audit.num_examples` examples, under
+fixed randomness (the protocol whose number the claims rest on) and, for convergence,
+under independent randomness too:
+
+1. **iterations**: robust accuracy with the study's attack at 1x and every multiple in
+   `audit.step_multipliers` of its steps (fixed and independent). Plateau: the
+   accuracy at the largest multiple is within `audit.tolerance` of the study's (1x) and a
+   paired exact test finds no significant drop (one-sided, 5%);
+2. **clips**: the attack through straight-through clips (the purifier's x0 and output
+   clips pass the gradient: `diffusion.make_purifier(clip_gradient="straight_through")`)
+   against the hard clips' gradient;
+3. **BPDA**: the attack with the identity as the purifier's backward pass;
+4. **gradient-free**: Square (`attacks.square`), `audit.square_queries` queries: it needs
+   no gradient, so it is blind to masking;
+5. **budget**: the study's attack at every eps in `audit.eps`: unbounded attacks must
+   drive the accuracy towards 0 (a gradient that works).
+
+Verdict: "converged" when (1) plateaus; "unmasked" when none of (2)-(4) finds
+significantly more (paired exact test, one-sided, 5%; and more than `audit.tolerance`)
+than the study's attack on the same examples and the largest eps of (5) leaves at most
+`audit.max_large_eps_accuracy`. Otherwise the report says that the study's robust
+accuracy is an upper bound and gives the worst case over every audit attack, per example,
+as the tighter one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffjax import stats
+from diffjax.study import robustness
+from diffjax.study.context import Study, as_list
+
+__all__ = ["audit"]
+
+
+def _row(check: str, attack: str, part: dict, field: str, main: np.ndarray) -> dict:
+    correct = np.asarray(part[field], bool)
+    acc = stats.accuracy(correct)
+    test = stats.mcnemar_exact(correct, main, alternative="less")
+    return {"check": check, "attack": attack, "robust": acc["estimate"],
+            "ci": [acc["lo"], acc["hi"]], "delta_vs_study": test["estimate"],
+            "p_value_lower": test["p_value"], "n": int(len(correct)),
+            "iterations": int(part["iterations"].sum())}
+
+
+def audit(study: Study, method: str) -> dict:
+    """The audit table and verdict of one method (module docstring)."""
+    cfg = study.config
+    a = cfg.audit
+    n = min(int(a.num_examples), study.num_examples)
+    tol = float(a.tolerance)
+    steps = int(cfg.attack.steps)
+    rows = []
+
+    def part(stream, variant="", **kw):
+        return robustness.attack_part(study, method, None, stream, n, variant=variant, **kw)
+
+    main = part("realization")  # == the first n examples of the study's own fixed part
+    base = np.asarray(main["fixed_adv_correct"], bool)
+    worst = base.copy()
+    main_fresh = part("fresh")
+    base_fresh = np.asarray(main_fresh["independent_adv_correct"], bool)
+    rows.append(_row("iterations", f"study's attack, {steps} steps (fixed)", main,
+                     "fixed_adv_correct", base))
+    rows.append(_row("iterations", f"study's attack, {steps} steps (independent, EOT)",
+                     main_fresh, "independent_adv_correct", base_fresh))
+    plateau = {}
+    for mult in as_list(a.step_multipliers, int):
+        if mult == 1:
+            continue
+        s = steps * mult
+        fx = part("realization", f"steps{s}", cascade=study.cascade(method, steps=s))
+        worst &= np.asarray(fx["fixed_adv_correct"], bool)
+        rows.append(_row("iterations", f"study's attack, {s} steps (fixed)", fx,
+                         "fixed_adv_correct", base))
+        fr = part("fresh", f"steps{s}", cascade=study.cascade(method, steps=s))
+        rows.append(_row("iterations", f"study's attack, {s} steps (independent, EOT)", fr,
+                         "independent_adv_correct", base_fresh))
+        plateau = {"steps": s, "fixed": rows[-2], "independent": rows[-1]}
+    conv = all(r["delta_vs_study"] >= -tol and r["p_value_lower"] >= 0.05
+               for r in (plateau.get("fixed"), plateau.get("independent")) if r)
+
+    st = part("realization", "straight_through",
+              defense=study.defense(method, clip_gradient="straight_through"))
+    rows.append(_row("clips", "straight-through clip gradients", st, "fixed_adv_correct", base))
+    bp = part("realization", "bpda", cascade=study.cascade(
+        method, gradient=study.gradient("bpda")))
+    rows.append(_row("gradient", "BPDA (identity backward through the purifier)", bp,
+                     "fixed_adv_correct", base))
+    sq = part("realization", "square", cascade=study.cascade(
+        method, spec="square", steps=int(a.square_queries)))
+    rows.append(_row("gradient-free", f"Square, {int(a.square_queries)} queries", sq,
+                     "fixed_adv_correct", base))
+    for p in (st, bp, sq):
+        worst &= np.asarray(p["fixed_adv_correct"], bool)
+    masked = [r for r in rows[-3:] if r["delta_vs_study"] < -tol and r["p_value_lower"] < 0.05]
+
+    budget = []
+    for eps in as_list(a.eps, float):
+        pe = part("realization", f"eps{eps:g}", cascade=study.cascade(method, eps=eps))
+        r = _row("budget", f"study's attack, eps {eps:g}", pe, "fixed_adv_correct", base)
+        r["eps"] = eps
+        rows.append(r)
+        budget.append(r)
+    big = budget[-1]["robust"] if budget else 0.0
+    blocked = bool(budget) and big > float(a.max_large_eps_accuracy)
+    unmasked = not masked and not blocked
+    worst_acc = stats.accuracy(worst)
+    verdict = {"converged": bool(conv), "unmasked": bool(unmasked),
+               "worst_case_fixed": worst_acc["estimate"],
+               "worst_case_fixed_ci": [worst_acc["lo"], worst_acc["hi"]],
+               "study_fixed": float(base.mean()),
+               "stronger_attacks": [r["attack"] for r in masked],
+               "large_eps_accuracy": big}
+    if conv and unmasked:
+        text = (f"converged and unmasked: {steps * max(as_list(a.step_multipliers, int))} "
+                f"steps, straight-through clips, BPDA and Square find no significantly more "
+                f"than the study's attack; eps {budget[-1]['eps']:g} leaves "
+                f"{100 * big:.1f}%" if budget else "converged and unmasked")
+    else:
+        why = []
+        if not conv:
+            why.append("more iterations still lower the accuracy")
+        if masked:
+            why.append("stronger: " + ", ".join(r["attack"] for r in masked))
+        if blocked:
+            why.append(f"eps {budget[-1]['eps']:g} still leaves {100 * big:.1f}%")
+        text = ("NOT converged/unmasked (" + "; ".join(why) + "): the study's fixed robust "
+                f"accuracy is an upper bound; the worst case over the audit's attacks, "
+                f"{100 * worst_acc['estimate']:.1f}% on these examples, is the tighter one")
+    verdict["sentence"] = text
+    return {"method": method, "n": n, "rows": rows, "verdict": verdict,
+            "tolerance": tol}
