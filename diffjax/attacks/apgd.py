@@ -96,86 +96,126 @@ class APGDConfig:
             _checks.fail("gradient", "a diffjax.attacks.Gradient", repr(self.gradient))
 
     # -- the engine's interface (diffjax.attacks.engine) ----------------------------
+    #
+    # One engine step evaluates the current candidate (the gradient AutoAttack takes after
+    # its update) and proposes the next: step 0 evaluates the random start, step j >= 1
+    # finishes AutoAttack's iteration j - 1 (best points, step-size checkpoint) and
+    # proposes iteration j's point, so `steps` iterations are `steps + 1` engine steps and
+    # `init` calls the model only for APGD-T's target. The steps, the restart, the target
+    # rank and the loss are traced (`traced_options`): every APGD variant of a cascade
+    # (APGD-CE, APGD-T over its targets, any number of steps) runs one compiled program.
+    # The oscillation test counts loss increases since the last checkpoint, which is the
+    # reference's window of the last k iterations.
 
-    def _grad(self, ctx, protocol, xa, y, it, target):
-        keys = protocol.attack_keys(ctx.example_keys, it)
-        loss, g, logits = gradients.loss_and_grad(ctx.defense, xa, y, keys, loss=self.loss,
-                                                  gradient=self.gradient, target=target)
-        return loss, g, logits, keys
+    @property
+    def total_iterations(self) -> int:
+        return self.steps + 1
+
+    def iterations(self, ctx):
+        return ctx.options["steps"] + 1
+
+    def traced_options(self):
+        values = {"steps": self.steps, "restart": self.restart,
+                  "target_rank": self.target_rank, "loss": APGD_LOSSES.index(self.loss)}
+        canonical = {"steps": 1, "restart": 0, "target_rank": 2, "loss": "ce"}
+        if self.return_trajectory:  # the trajectory's shape needs the steps
+            del values["steps"], canonical["steps"]
+        return values, canonical
+
+    def check(self, num_classes: int) -> None:
+        """One-line errors for a loss or a target that this classifier cannot have."""
+        need = {"ce": 2, "dlr": 3, "dlr_targeted": 4}[self.loss]
+        if num_classes < need:
+            _checks.fail("loss", f"a loss defined for {num_classes} classes ('ce'"
+                         + (", 'dlr'" if num_classes >= 3 else "") + ")",
+                         f"{self.loss!r}, which needs {need} classes")
+        if self.loss == "dlr_targeted" and self.target_rank > num_classes:
+            _checks.fail("target_rank", f"a rank in [2, {num_classes}]", self.target_rank)
+
+    def _steps(self, ctx):
+        return ctx.options["steps"] if "steps" in ctx.options else jnp.int32(self.steps)
 
     def init(self, ctx, protocol, x, y):
-        n, b = self.steps, x.shape[0]
+        del y
+        b = x.shape[0]
+        n = self._steps(ctx)
         keys = protocols.start_keys(ctx.example_keys)
-        if self.restart:
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, self.restart))(keys)
-        x_adv = start_point(keys, x, ctx.eps, self.norm)
-        target = jnp.zeros((b,), jnp.int32)
-        if self.loss == "dlr_targeted":
-            k0 = protocol.attack_keys(ctx.example_keys, jnp.uint32(0))[0]
-            order = jnp.argsort(ctx.defense.logits(x, k0), axis=-1)
-            target = order[:, -self.target_rank].astype(jnp.int32)
-        loss0, g0, logits0, keys0 = self._grad(ctx, protocol, x_adv, y, jnp.uint32(0), target)
+        restart = ctx.options.get("restart", jnp.int32(self.restart))
+        again = jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(k, restart))(keys))
+        keys = jax.random.wrap_key_data(jnp.where(restart > 0, again,
+                                                  jax.random.key_data(keys)))
+        x0 = start_point(keys, x, ctx.eps, self.norm)
+        rank = ctx.options.get("target_rank", jnp.int32(self.target_rank))
+        k0 = protocol.attack_keys(ctx.example_keys, jnp.uint32(0))[0]
+        order = jnp.argsort(ctx.defense.logits(x, k0), axis=-1)
+        target = jnp.take(order, order.shape[-1] - rank, axis=-1).astype(jnp.int32)
+        zeros = jnp.zeros((b,), jnp.float32)
         state = dict(
-            x_adv=x_adv, x_old=x_adv, grad=g0, x_best=x_adv, x_best_adv=x_adv, grad_best=g0,
-            loss_best=loss0, acc=jnp.argmax(logits0, axis=-1) == y, step=2.0 * ctx.eps,
-            loss_steps=jnp.zeros((b, n), jnp.float32), loss_best_last=loss0,
-            reduced_last=jnp.ones((b,), bool), k=jnp.full((b,), max(int(0.22 * n), 1),
-                                                          jnp.int32),
+            x_cand=x0, x_adv=x0, x_old=x0, grad=jnp.zeros_like(x0), x_best=x0, x_best_adv=x0,
+            grad_best=jnp.zeros_like(x0), loss_best=zeros, acc=jnp.ones((b,), bool),
+            step=2.0 * ctx.eps, loss_prev=zeros, n_incr=jnp.zeros((b,), jnp.int32),
+            loss_best_last=zeros, reduced_last=jnp.ones((b,), bool),
+            k=jnp.broadcast_to(jnp.maximum((22 * n) // 100, 1), (b,)).astype(jnp.int32),
             counter=jnp.zeros((b,), jnp.int32), target=target)
-        if self.return_trajectory:  # [B, K, ...]: every leaf leads with the batch
-            state["keys0"] = jnp.moveaxis(jax.random.key_data(keys0), 1, 0)
         return state
 
     def step(self, ctx, protocol, x, y, s, i):
-        n = self.steps
-        n_iter_min, size_decr = max(int(0.06 * n), 1), max(int(0.03 * n), 1)
-        ii = i.astype(jnp.int32)
-        grad2 = s["x_adv"] - s["x_old"]
-        xa = s["x_adv"]
-        a = jnp.where(ii > 0, 0.75, 1.0)
-        z = project(xa + bcast(s["step"], xa) * _direction(s["grad"], self.norm), x, ctx.eps,
-                    self.norm)
-        x1 = project(xa + (z - xa) * a + grad2 * (1.0 - a), x, ctx.eps, self.norm)
-
-        loss, grad, logits, keys = self._grad(ctx, protocol, x1, y, i + 1, s["target"])
+        n = self._steps(ctx)
+        n_iter_min, size_decr = jnp.maximum((6 * n) // 100, 1), jnp.maximum((3 * n) // 100, 1)
+        j = i.astype(jnp.int32)
+        first = j == 0
+        loss_index = ctx.options.get("loss", jnp.int32(APGD_LOSSES.index(self.loss)))
+        keys = protocol.attack_keys(ctx.example_keys, i)
+        loss, grad, logits = gradients.loss_and_grad(
+            ctx.defense, s["x_cand"], y, keys, loss=APGD_LOSSES, gradient=self.gradient,
+            target=s["target"], loss_index=loss_index)
+        xc = s["x_cand"]
         pred = jnp.argmax(logits, axis=-1) == y
-        acc = s["acc"] & pred
-        x_best_adv = jnp.where(bcast(~pred, x1), x1, s["x_best_adv"])
-        loss_steps = s["loss_steps"].at[:, ii].set(loss)
-        improve = loss > s["loss_best"]
-        x_best = jnp.where(bcast(improve, x1), x1, s["x_best"])
-        grad_best = jnp.where(bcast(improve, x1), grad, s["grad_best"])
-        loss_best = jnp.where(improve, loss, s["loss_best"])
 
-        counter = s["counter"] + 1
+        # A: AutoAttack's update after evaluating iteration j - 1's point (j = 0: the start).
+        acc = jnp.where(first, pred, s["acc"] & pred)
+        x_best_adv = jnp.where(bcast(~pred & ~first, xc), xc, s["x_best_adv"])
+        improve = first | (loss > s["loss_best"])
+        x_best = jnp.where(bcast(improve, xc), xc, s["x_best"])
+        grad_best = jnp.where(bcast(improve, xc), grad, s["grad_best"])
+        loss_best = jnp.where(improve, loss, s["loss_best"])
+        # Increases since the last checkpoint (the reference compares iteration 0 with the
+        # zero-initialised end of its loss history: loss_prev starts at 0).
+        n_incr = s["n_incr"] + (~first & (loss > s["loss_prev"])).astype(jnp.int32)
+        counter = jnp.where(first, 0, s["counter"] + 1)
         k = s["k"]
-        check = counter == k
-        # Loss increases over the last k iterations (index -1 wraps, as in the reference).
-        idx = jnp.arange(n)
-        prev = jnp.roll(loss_steps, 1, axis=1)
-        window = (idx[None] <= ii) & (idx[None] > ii - k[:, None])
-        n_incr = jnp.sum(window & (loss_steps > prev), axis=1)
+        check = ~first & (counter == k)
         fl_osc = n_incr <= k * self.rho
         fl_noimpr = ~s["reduced_last"] & (s["loss_best_last"] >= loss_best)
         fl = fl_osc | fl_noimpr
         reduce = check & fl
+        x_adv = jnp.where(bcast(reduce, xc), x_best, xc)
+        g_next = jnp.where(bcast(reduce, xc), grad_best, grad)
         new = dict(
-            s, x_old=xa, x_best=x_best, x_best_adv=x_best_adv, grad_best=grad_best,
-            loss_best=loss_best, acc=acc, loss_steps=loss_steps,
-            x_adv=jnp.where(bcast(reduce, x1), x_best, x1),
-            grad=jnp.where(bcast(reduce, x1), grad_best, grad),
+            s, acc=acc, x_best_adv=x_best_adv, x_best=x_best, grad_best=grad_best,
+            loss_best=loss_best, x_adv=x_adv, grad=g_next,
             step=jnp.where(reduce, s["step"] / 2.0, s["step"]),
             reduced_last=jnp.where(check, fl, s["reduced_last"]),
-            loss_best_last=jnp.where(check, loss_best, s["loss_best_last"]),
+            loss_best_last=jnp.where(first | check, loss_best, s["loss_best_last"]),
             k=jnp.where(check, jnp.maximum(k - size_decr, n_iter_min), k),
-            counter=jnp.where(check, 0, counter))
+            counter=jnp.where(check, 0, counter), n_incr=jnp.where(check, 0, n_incr),
+            loss_prev=jnp.where(first, 0.0, loss))
+
+        # B: propose iteration j's point (momentum 0.75 except at j = 0).
+        a = jnp.where(first, 1.0, 0.75)
+        grad2 = x_adv - new["x_old"]
+        z = project(x_adv + bcast(new["step"], x_adv) * _direction(g_next, self.norm), x,
+                    ctx.eps, self.norm)
+        new["x_cand"] = project(x_adv + (z - x_adv) * a + grad2 * (1.0 - a), x, ctx.eps,
+                                self.norm)
+        new["x_old"] = x_adv
         if self.keep_fooling_point and protocol.attack_stream == "realization":
             # Success is deterministic: a fooled example keeps its first fooling point and
             # its state (so chunked runs with early exit equal the whole run).
-            done = ~s["acc"]
-            new = {key: jnp.where(bcast(done, v), s[key], v) if key != "loss_steps" else v
-                   for key, v in new.items()}
-        return new, (jax.random.key_data(keys) if self.return_trajectory else None)
+            done = ~s["acc"] & ~first
+            new = {key: jnp.where(bcast(done, v), s[key], v) for key, v in new.items()}
+        record = (loss, jax.random.key_data(keys)) if self.return_trajectory else None
+        return new, record
 
     def finish(self, ctx, protocol, x, y, s, records):
         del ctx, protocol, y
@@ -183,8 +223,7 @@ class APGDConfig:
         x_out = jnp.where(bcast(fooled, x), s["x_best_adv"], s["x_best"])
         loss_traj = key_traj = None
         if self.return_trajectory and records is not None:
-            loss_traj = jnp.transpose(s["loss_steps"])
-            key_traj = jnp.concatenate([jnp.moveaxis(s["keys0"], 0, 1)[None], records], 0)
+            loss_traj, key_traj = records[0][1:], records[1]
         return engine.result_of(x, x_out, fooled, loss_traj, key_traj)
 
     def fooled(self, state):

@@ -78,7 +78,7 @@ class Cascade:
         if not self.attacks:
             _checks.fail("cascade.attacks", "at least one attack config", "none")
         for a in self.attacks:
-            if not (hasattr(a, "init") and hasattr(a, "step") and hasattr(a, "steps")):
+            if not (hasattr(a, "init") and hasattr(a, "step") and hasattr(a, "total_iterations")):
                 _checks.fail("cascade.attacks", "attack configs (PGDConfig, APGDConfig, ...)",
                              type(a).__name__)
         if self.chunk is not None:
@@ -223,7 +223,7 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
     for a in cascade.attacks:  # the protocol against every attack's estimator
         _, protocol = engine.validate(defense, probe, np.zeros(1, np.int32),
                                       jax.random.wrap_key_data(np.zeros((1, 2), np.uint32)),
-                                      protocol, getattr(a, "gradient", None))
+                                      protocol, getattr(a, "gradient", None), a)
     _checks.check_images(x, "x")
     _checks.check_labels(y, n, defense.num_classes(probe), "y")
     mesh = parallel.data_mesh() if mesh is None else mesh
@@ -274,10 +274,10 @@ def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, 
     """One attack over `rows`: rounds of `chunk` iterations with early exit; returns the
     per-row `x_adv`, `fooled` (the cascade's criterion) and `iterations`."""
     m = len(rows)
-    steps = int(attack.steps)
+    steps = int(attack.total_iterations)
     chunk = steps if cascade.chunk is None else min(int(cascade.chunk), steps)
     drop = cascade.early_exit and protocol.attack_stream == "realization"
-    static, eps0, step0 = engine.static_and_budget(attack)
+    static, eps0, step0, options = engine.static_and_budget(attack)
     local = parallel.local_batch_size(batch_size)
     buckets = cascade.bucket_sizes if jax.process_count() == 1 else ()
 
@@ -300,7 +300,7 @@ def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, 
         xs, ys, ks, _ = parallel.put_local(mesh, xb, yb, jax.random.wrap_key_data(kb),
                                            rows=len(idx))
         eps = eps0 if eb is None else parallel.put_local(mesh, eb, rows=len(idx))[0]
-        return engine.make_context(defense, ks, eps, step0, xs.shape[0]), xs, ys
+        return engine.make_context(defense, ks, eps, step0, xs.shape[0], options), xs, ys
 
     def put_state(idx):
         if not m:

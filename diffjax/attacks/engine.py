@@ -10,10 +10,14 @@ leaf has the batch as its leading axis):
 - ``finish(ctx, protocol, x, y, state) -> AttackResult``;
 
 plus ``fooled(state) -> [B] bool`` (a fooling point has been found under the attack's own
-randomness) and ``steps`` (the number of iterations). `ctx` (a `Context`) carries the
-traced inputs: the defense (its weights are pytree leaves), the example keys and the
-per-example `eps` and `step_size` (`[B]`), so a new budget, new weights or new keys reuse
-the compiled program, and per-example budgets (e.g. a bisection over eps) work.
+randomness), ``total_iterations`` (how many times `step` runs) and
+``iterations(ctx)`` (the same, possibly traced). `ctx` (a `Context`) carries the traced
+inputs: the defense (its weights are pytree leaves), the example keys, the per-example
+`eps` and `step_size` (`[B]`) and the attack's `TRACED` options (e.g. APGD's steps,
+restart, target class and loss), so a new budget, new weights, new keys or another
+variant of the same attack reuse the compiled program -- on a CPU, compiling a gradient
+through a purifier costs as much as running many of its iterations -- and per-example
+budgets (e.g. a bisection over eps) work.
 
 Two ways to run an attack, both through this module:
 
@@ -83,6 +87,7 @@ class Context(NamedTuple):
     example_keys: jax.Array
     eps: jax.Array  # [B]
     step_size: jax.Array  # [B]
+    options: dict  # name -> traced int32 scalar (the attack's TRACED options)
 
 
 def flat_norm(v, ord_: str):
@@ -156,11 +161,13 @@ def restore(tree, like):
 # ------------------------------------------------------------------------ boundary
 
 
-def validate(defense, x, y, example_keys, protocol, gradient=None):
+def validate(defense, x, y, example_keys, protocol, gradient=None, attack=None):
     """Checks an attack's inputs; returns `(example_keys, protocol)` normalised.
 
     `protocol` may be a `diffjax.protocols.Protocol` or a name; with a name, a
     `gradient.eot` > 1 (the older way to ask for EOT) makes it `Independent(eot=K)`.
+    `attack.check(num_classes)`, where the attack has one, says what the classifier
+    cannot support (e.g. a targeted loss with too few classes).
     """
     from diffjax.defense import Defense
 
@@ -170,6 +177,8 @@ def validate(defense, x, y, example_keys, protocol, gradient=None):
     _checks.check_images(x, "x")
     b = x.shape[0]
     _checks.check_labels(y, b, defense.num_classes(x), "y")
+    if attack is not None and hasattr(attack, "check"):
+        attack.check(defense.num_classes(x))
     example_keys = _checks.check_keys(example_keys, b, "example_keys")
     eot = getattr(gradient, "eot", 1)
     protocol = protocols.as_protocol(protocol, eot=eot if eot != 1 else None)
@@ -190,15 +199,21 @@ def per_example(value, batch: int, name: str):
 
 
 def static_and_budget(attack):
-    """`(static config, eps, step_size)`: the config with its traced budget zeroed (one
-    compiled program per structure) and the budget values themselves."""
+    """`(static config, eps, step_size, options)`: the config with everything traced set
+    to a canonical value (one compiled program per structure), the budget, and the traced
+    options (`attack.traced_options()`, int32 scalars)."""
     eps = getattr(attack, "eps", 0.0)
     step = getattr(attack, "step_size", 0.0)
     changes = {k: 0.0 for k in ("eps", "step_size") if hasattr(attack, k)}
     grad = getattr(attack, "gradient", None)
     if grad is not None and grad.eot != 1:  # the protocol carries K
         changes["gradient"] = dataclasses.replace(grad, eot=1)
-    return dataclasses.replace(attack, **changes), eps, step
+    options = {}
+    if hasattr(attack, "traced_options"):
+        values, canonical = attack.traced_options()
+        options = {k: jnp.asarray(v, jnp.int32) for k, v in values.items()}
+        changes.update(canonical)
+    return dataclasses.replace(attack, **changes), eps, step, options
 
 
 # ------------------------------------------------------------------------ programs
@@ -209,18 +224,18 @@ def _scan(attack, protocol, ctx, x, y, state, start, length: int, masked: bool):
         i = start + j
         new, record = attack.step(ctx, protocol, x, y, s, i)
         if masked:  # iterations past the end are no-ops
-            live = i < attack.steps
+            live = i < attack.iterations(ctx)
             new = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, s)
         return new, record
 
     return jax.lax.scan(body, state, jnp.arange(length, dtype=jnp.uint32))
 
 
-@functools.partial(jax.jit, static_argnames=("attack", "protocol"))
-def run_program(ctx, x, y, *, attack, protocol):
-    """The whole attack in one program (init, scan over `attack.steps`, finish)."""
+@functools.partial(jax.jit, static_argnames=("attack", "protocol", "length"))
+def run_program(ctx, x, y, *, attack, protocol, length):
+    """The whole attack in one program (init, scan over `length` iterations, finish)."""
     state = attack.init(ctx, protocol, x, y)
-    state, records = _scan(attack, protocol, ctx, x, y, state, jnp.uint32(0), attack.steps,
+    state, records = _scan(attack, protocol, ctx, x, y, state, jnp.uint32(0), length,
                            masked=False)
     return attack.finish(ctx, protocol, x, y, state, records)
 
@@ -233,7 +248,7 @@ def init_program(ctx, x, y, *, attack, protocol):
 
 @functools.partial(jax.jit, static_argnames=("attack", "protocol", "length"))
 def advance_program(ctx, x, y, state, start, *, attack, protocol, length):
-    """`length` iterations from `start` (traced); those past `attack.steps` are no-ops."""
+    """`length` iterations from `start` (traced); those past the attack's last are no-ops."""
     state, _ = _scan(attack, protocol, ctx, x, y, state, start, length, masked=True)
     return state, attack.fooled(state)
 
@@ -244,10 +259,12 @@ def finish_program(ctx, x, y, state, *, attack, protocol):
     return attack.finish(ctx, protocol, x, y, state, None)
 
 
-def make_context(defense, example_keys, eps, step_size, batch: int) -> Context:
-    """A `Context` with per-example budgets (`eps`/`step_size`: numbers or `[batch]`)."""
+def make_context(defense, example_keys, eps, step_size, batch: int,
+                 options: dict | None = None) -> Context:
+    """A `Context` with per-example budgets (`eps`/`step_size`: numbers or `[batch]`) and
+    the attack's traced options (`static_and_budget`)."""
     return Context(defense, example_keys, per_example(eps, batch, "eps"),
-                   per_example(step_size, batch, "step_size"))
+                   per_example(step_size, batch, "step_size"), dict(options or {}))
 
 
 def run(attack, defense, x, y, example_keys, protocol="fixed", *, eps=None,
@@ -269,14 +286,15 @@ def run(attack, defense, x, y, example_keys, protocol="fixed", *, eps=None,
       An `AttackResult`.
     """
     example_keys, protocol = validate(defense, x, y, example_keys, protocol,
-                                      getattr(attack, "gradient", None))
-    static, eps0, step0 = static_and_budget(attack)
+                                      getattr(attack, "gradient", None), attack)
+    static, eps0, step0, options = static_and_budget(attack)
     eps = eps0 if eps is None else eps
     step = step0 if step_size is None else step_size
     like = x
-    ctx = make_context(defense, example_keys, eps, step, x.shape[0])
+    ctx = make_context(defense, example_keys, eps, step, x.shape[0], options)
     ctx, x, y = to_auto((ctx, x, y))
-    out = run_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static, protocol=protocol)
+    out = run_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static, protocol=protocol,
+                      length=attack.total_iterations)
     return restore(out, like)
 
 
@@ -289,9 +307,9 @@ def init_state(attack, defense, x, y, example_keys, protocol):
       so rows can be gathered and scattered freely.
     """
     example_keys, protocol = validate(defense, x, y, example_keys, protocol,
-                                      getattr(attack, "gradient", None))
-    static, eps, step = static_and_budget(attack)
-    ctx = make_context(defense, example_keys, eps, step, x.shape[0])
+                                      getattr(attack, "gradient", None), attack)
+    static, eps, step, options = static_and_budget(attack)
+    ctx = make_context(defense, example_keys, eps, step, x.shape[0], options)
     return ctx, protocol, init_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static,
                                        protocol=protocol)
 
@@ -302,7 +320,7 @@ def advance(attack, protocol, ctx, x, y, state, start: int, length: int):
     Returns:
       `(state, fooled [B])`.
     """
-    static, _, _ = static_and_budget(attack)
+    static = static_and_budget(attack)[0]
     protocol = protocols.as_protocol(protocol)
     return advance_program(ctx, x, jnp.asarray(y, jnp.int32), state, jnp.uint32(start),
                            attack=static, protocol=protocol, length=int(length))
@@ -310,7 +328,7 @@ def advance(attack, protocol, ctx, x, y, state, start: int, length: int):
 
 def finish_state(attack, protocol, ctx, x, y, state) -> AttackResult:
     """The `AttackResult` of a state (no trajectory in chunked runs)."""
-    static, _, _ = static_and_budget(attack)
+    static = static_and_budget(attack)[0]
     protocol = protocols.as_protocol(protocol)
     return finish_program(ctx, x, jnp.asarray(y, jnp.int32), state, attack=static,
                           protocol=protocol)

@@ -139,10 +139,10 @@ def evaluate(defense, x, y, example_keys, x_adv, *, under=(protocols.Fixed(),)):
     return engine.restore(evaluate_program(*args, evals=evals), like)
 
 
-@functools.partial(jax.jit, static_argnames=("attack", "protocol", "evals"))
-def attack_and_evaluate_program(ctx, x, y, *, attack, protocol, evals):
+@functools.partial(jax.jit, static_argnames=("attack", "protocol", "evals", "length"))
+def attack_and_evaluate_program(ctx, x, y, *, attack, protocol, evals, length):
     """An attack and its evaluation under `evals` in one program."""
-    res = engine.run_program(ctx, x, y, attack=attack, protocol=protocol)
+    res = engine.run_program(ctx, x, y, attack=attack, protocol=protocol, length=length)
     out = _evaluate_impl(ctx.defense, x, res.x_adv, y, ctx.example_keys, evals)
     return res, out
 
@@ -183,7 +183,7 @@ def attack_and_evaluate(defense, x, y, example_ids_or_keys, *, config, protocol=
     if not hasattr(config, "init") or not hasattr(config, "step"):
         _checks.fail("config", "an attack config (PGDConfig, APGDConfig, SquareConfig)",
                      type(config).__name__)
-    ek, protocol = engine.validate(defense, x, y, ek, protocol, grad)
+    ek, protocol = engine.validate(defense, x, y, ek, protocol, grad, config)
     protocol = protocols.as_protocol(protocol, eval_draws=eval_draws)
     evals = (protocol,) + _check_evals(also) if also else (protocol,)
     for p in evals[1:]:
@@ -191,13 +191,12 @@ def attack_and_evaluate(defense, x, y, example_ids_or_keys, *, config, protocol=
             _checks.fail("also", f"protocols that share the attack of {protocol!r} (the same "
                          "keys during the attack, e.g. Fixed and Transfer)", repr(p))
     evals = _check_evals(evals)
-    static, eps, step = engine.static_and_budget(config)
+    static, eps, step, options = engine.static_and_budget(config)
     like = x
-    ctx = engine.Context(defense, ek, engine.per_example(eps, x.shape[0], "eps"),
-                         engine.per_example(step, x.shape[0], "step_size"))
+    ctx = engine.make_context(defense, ek, eps, step, x.shape[0], options)
     ctx, xs, ys = engine.to_auto((ctx, x, jnp.asarray(y, jnp.int32)))
     res, ev = attack_and_evaluate_program(ctx, xs, ys, attack=static, protocol=protocol,
-                                          evals=evals)
+                                          evals=evals, length=config.total_iterations)
     main = ev["protocols"][protocol.name]
     out = {
         "clean_correct": main["clean_correct"],

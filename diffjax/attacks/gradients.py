@@ -36,8 +36,8 @@ import jax.numpy as jnp
 
 from diffjax import _checks
 
-__all__ = ["Gradient", "LOSSES", "attack_loss", "straight_through", "loss_and_grad",
-           "per_draw_loss_and_grad"]
+__all__ = ["Gradient", "LOSSES", "attack_loss", "select_loss", "straight_through",
+           "loss_and_grad", "per_draw_loss_and_grad"]
 
 LOSSES = ("ce", "margin", "dlr", "dlr_targeted")
 KINDS = ("full", "bpda")
@@ -125,17 +125,38 @@ def _st_bwd(_, g):
 straight_through.defvjp(_st_fwd, _st_bwd)
 
 
-def _single_loss(defense, x, y, keys, loss, kind, target):
+_MIN_CLASSES = {"ce": 2, "margin": 2, "dlr": 3, "dlr_targeted": 4}
+
+
+def select_loss(logits, labels, names: tuple, index, target=None):
+    """`attack_loss` with the loss picked at run time: `names[index]`, `index` traced.
+
+    Every loss of `names` that the number of classes admits is computed (they cost nothing
+    beside the model) and one is selected, so attacks that differ only in their loss share
+    a compiled program. A loss the classes do not admit is never selected (its attack's
+    config is checked before it runs) and contributes zeros.
+    """
+    num_classes = logits.shape[-1]
+    stack = [attack_loss(logits, labels, n, target) if num_classes >= _MIN_CLASSES[n]
+             else jnp.zeros(logits.shape[:1], jnp.float32) for n in names]
+    return jnp.stack(stack)[index]
+
+
+def _single_loss(defense, x, y, keys, loss, kind, target, loss_index=None):
     if kind == "bpda":
         purified = straight_through(defense.purify_fn, x, keys)
     else:
         purified = defense.purify_fn(x, keys)
     logits = defense.logits_fn(purified)
-    losses = attack_loss(logits, y, loss, target)
+    if isinstance(loss, tuple):
+        losses = select_loss(logits, y, loss, loss_index, target)
+    else:
+        losses = attack_loss(logits, y, loss, target)
     return jnp.sum(losses), (losses, logits)
 
 
-def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient, target=None):
+def loss_and_grad(defense, x, y, draw_keys, *, loss, gradient: Gradient, target=None,
+                  loss_index=None):
     """The attack loss and its estimated input gradient, averaged over randomness draws.
 
     Examples are independent (the purifier and the classifier act per example), so the
@@ -146,9 +167,10 @@ def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient, ta
       x: `[B,H,W,C]` images in [0, 1].
       y: `[B]` int32 labels.
       draw_keys: `[K, B]` purifier keys, one row per EOT draw (K = `gradient.eot`).
-      loss: one of `LOSSES`.
+      loss: one of `LOSSES`, or a tuple of them with `loss_index` (`select_loss`).
       gradient: the estimator (`Gradient(kind)`; K is the number of rows of `draw_keys`).
       target: `[B]` target classes for "dlr_targeted".
+      loss_index: the (traced) index into a tuple `loss`.
 
     Returns:
       `(losses [B], grads [B,H,W,C], logits [B, C])`: the loss and gradient averaged over
@@ -157,17 +179,17 @@ def loss_and_grad(defense, x, y, draw_keys, *, loss: str, gradient: Gradient, ta
     if draw_keys.shape[0] == 1:
         grad_fn = jax.grad(_single_loss, argnums=1, has_aux=True)
         g, (losses, logits) = grad_fn(defense, x, y, draw_keys[0], loss, gradient.kind,
-                                      target)
+                                      target, loss_index)
         return losses, g, logits
     losses, g, logits = per_draw_loss_and_grad(defense, x, y, draw_keys, loss=loss,
                                                kind=gradient.kind,
                                                eot_batch_size=gradient.eot_batch_size,
-                                               target=target)
+                                               target=target, loss_index=loss_index)
     return jnp.mean(losses, axis=0), jnp.mean(g, axis=0), logits[0]
 
 
-def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss: str, kind: str,
-                           eot_batch_size: int | None = None, target=None):
+def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss, kind: str,
+                           eot_batch_size: int | None = None, target=None, loss_index=None):
     """The loss and input gradient under each of K randomness draws, not averaged.
 
     Args:
@@ -187,7 +209,7 @@ def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss: str, kind: str,
     grad_fn = jax.grad(_single_loss, argnums=1, has_aux=True)
 
     def one(keys):
-        g, (losses, logits) = grad_fn(defense, x, y, keys, loss, kind, target)
+        g, (losses, logits) = grad_fn(defense, x, y, keys, loss, kind, target, loss_index)
         return losses, g, logits
 
     if eot_batch_size is None:

@@ -82,6 +82,18 @@ class PGDConfig:
 
     # -- the engine's interface (diffjax.attacks.engine) ----------------------------
 
+    @property
+    def total_iterations(self) -> int:
+        return self.steps
+
+    def iterations(self, ctx):
+        return ctx.options["steps"] if "steps" in ctx.options else jnp.int32(self.steps)
+
+    def traced_options(self):
+        if self.return_trajectory:  # the trajectory's shape needs the steps
+            return {}, {}
+        return {"steps": self.steps}, {"steps": 1}
+
     def _freezes(self, protocol) -> bool:
         return self.keep_fooling_point and protocol.attack_stream == "realization"
 
@@ -109,7 +121,8 @@ class PGDConfig:
         return {"x": x_new, "fooled": fooled}, record
 
     def finish(self, ctx, protocol, x, y, state, records):
-        final_keys = protocol.attack_keys(ctx.example_keys, jnp.uint32(self.steps))[0]
+        final = self.iterations(ctx).astype(jnp.uint32)
+        final_keys = protocol.attack_keys(ctx.example_keys, final)[0]
         wrong = jnp.argmax(ctx.defense.logits(state["x"], final_keys), axis=-1) != y
         success = wrong | state["fooled"] if self._freezes(protocol) else wrong
         loss_traj, key_traj = records if records is not None else (None, None)

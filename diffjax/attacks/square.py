@@ -127,6 +127,14 @@ class SquareConfig:
 
     # -- the engine's interface (diffjax.attacks.engine) ----------------------------
 
+    @property
+    def total_iterations(self) -> int:
+        return self.steps
+
+    def iterations(self, ctx):
+        del ctx  # the p-schedule is static: the query budget is part of the program
+        return jnp.int32(self.steps)
+
     def init(self, ctx, protocol, x, y):
         h, w, _ = x.shape[1:]
         if self.norm == "l2" and min(h, w) < 5:
