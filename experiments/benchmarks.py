@@ -40,6 +40,13 @@ _GPU_CASES = flags.DEFINE_list(
 _GPU_SET = flags.DEFINE_list(
     "gpu_set", None, "gpu settings: override GpuSettings integer fields, e.g. "
     "eot_batch=16,pp_eot_batch=8.")
+_COMPILED = flags.DEFINE_list(
+    "compiled_peer", None, "CPU suites: the cases that also time the compiled peer "
+    "(torch.compile); 'none' for none. Default: the settings' (purify_t100, grad_t10, "
+    "purify_32, grad_32).")
+_COMPILE_MODE = flags.DEFINE_string(
+    "compile_mode", None, "CPU suites: torch.compile mode of the compiled peer ('default', "
+    "'max-autotune', ...). Default: the settings' (the default mode).")
 _BUDGET = flags.DEFINE_float(
     "time_budget_s", None, "gpu settings: skip the remaining cases once this many seconds "
     "have passed (results are written after every case).")
@@ -58,14 +65,20 @@ def main(argv):
     name = _SIZE.value or ("quick" if _QUICK.value else "full")
     settings = {"quick": cases.quick_settings, "full": cases.full_settings,
                 "tiny": cases.tiny_settings}[name]()
+    import dataclasses
+
+    if _COMPILED.value is not None:
+        chosen = tuple(c for c in _COMPILED.value if c and c != "none")
+        settings = dataclasses.replace(settings, compiled_peer=chosen)
+    if _COMPILE_MODE.value is not None:
+        mode = None if _COMPILE_MODE.value == "default" else _COMPILE_MODE.value
+        settings = dataclasses.replace(settings, compile_mode=mode)
     load0 = timing.loadavg()
     print(f"benchmarks ({name}); load average {load0}", flush=True)
     t0 = time.perf_counter()
     results, info = cases.run_all(settings, log=lambda s: print(s, flush=True),
                                   torch_threads=_THREADS.value)
     total = time.perf_counter() - t0
-    import dataclasses
-
     meta = {"command": "python -m experiments.benchmarks " + " ".join(sys.argv[1:]),
             "settings": dataclasses.asdict(settings), "machine": report.machine_info(),
             "models": info, "loadavg_before": load0, "loadavg_after": timing.loadavg(),

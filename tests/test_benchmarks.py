@@ -6,6 +6,7 @@ follow the documented schema. No timing assertions: speed belongs in the benchma
 """
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -19,8 +20,11 @@ pytestmark = pytest.mark.torch
 
 SIZE = models.UNetSize(resolution=4, ch=8, ch_mult=(1, 2), num_res_blocks=1,
                        attn_levels=(1,), num_groups=4, channels=3)
+# The compiled peer runs in the "purify" and "grad" cases on torch.compile's "eager" backend
+# (TorchDynamo's graph capture and guards without code generation, which takes minutes).
 SETTINGS = cases.Settings(name="tiny", size=SIZE, repeats=1, t_star=6, num_probes=8,
-                          jac_chunk=48, rss=False, noremat=False)
+                          jac_chunk=48, rss=False, noremat=False,
+                          compiled_peer=("purify", "grad"), compile_backend="eager")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,15 @@ def test_cases_agree_and_follow_schema(bench, tmp_path):
         assert r["ratio"] == pytest.approx(r["peer_s"] / r["diffjax_s"])
         # The two implementations compute the same numbers (float32 error only).
         assert r["max_abs_diff"] < 1e-4, (name, r["max_abs_diff"])
+    # The compiled peer runs the same loop, checked against diffjax before it is timed.
+    for name in ("purify", "grad"):
+        r = res[name]
+        assert "peer_compiled_error" not in r, r.get("peer_compiled_error")
+        assert r["peer_compiled_max_abs_diff"] < 1e-4
+        assert r["peer_compiled_s"] > 0 and r["peer_compiled_first_call_s"] > 0
+        assert r["ratio_compiled"] == pytest.approx(r["peer_compiled_s"] / r["diffjax_s"])
+        assert "torch.compile" in r["peer_compiled_mode"]
+    assert "peer_compiled_s" not in res["jacobian_exact"]
     # Purified images live in [0, 1]; the diffjax program's memory is known to XLA.
     assert res["purify"]["diffjax_peak_mb"] > 0
     # Without checkpointing the peer saves activations for every step; with it, about one
@@ -87,6 +100,32 @@ def test_eot_gradient_is_the_mean_of_single_draw_gradients(bench):
     r = b.eot_case("eot3")
     assert r["max_abs_diff"] < 1e-4
     assert r["eot"] == 3
+
+
+def test_quick_suite_has_the_32x32_cases(monkeypatch):
+    """``--quick`` runs ``purify_32`` and ``grad_32`` at 32x32x3 on the CIFAR-10
+    architecture (quarter width), with the compiled peer."""
+    s = cases.quick_settings()
+    size = s.res32_size
+    assert (size.resolution, size.channels, size.ch_mult, size.num_res_blocks) == (
+        32, 3, (1, 2, 2, 2), 2)
+    assert {"purify_32", "grad_32"} <= set(s.compiled_peer)
+    called = {}
+
+    def fake_case(self, name, size, batch, steps, **kw):
+        called[name] = (size, batch, steps)
+        self.results[name] = {}
+
+    monkeypatch.setattr(cases.Bench, "purify_case", fake_case)
+    monkeypatch.setattr(cases.Bench, "grad_case", fake_case)
+    for method in ("eot_case", "compression_cases"):
+        monkeypatch.setattr(cases.Bench, method, lambda self, *a, **k: None)
+    monkeypatch.setattr(cases.Bench, "pair", lambda self, size: types.SimpleNamespace(
+        eps_fn=None, num_params=0))
+    monkeypatch.setattr(cases.timing, "unet_flops", lambda *a: 0.0)
+    cases.run_all(s, log=lambda m: None)
+    assert called["purify_32"] == (size, s.res32_purify_batch, s.res32_steps)
+    assert called["grad_32"] == (size, s.res32_grad_batch, s.res32_steps)
 
 
 def test_projection_is_linear_in_images_and_inverse_in_the_fraction():
@@ -155,7 +194,7 @@ def test_gpu_suite_smoke(tmp_path):
         assert r["diffjax_tflops"] == pytest.approx(per_step * st / r["diffjax_s"] / 1e12)
         if r["model"] == "ddpm":  # the peers ran the same case
             assert r["peer_s"] > 0 and r["ratio"] == pytest.approx(r["peer_s"] / r["diffjax_s"])
-            # The compiled peer (torch.compile; here the aot_eager backend) computes what
+            # The compiled peer (torch.compile; here the eager backend) computes what
             # the eager peer does, and is timed beside it.
             assert "peer_compiled_error" not in r, r.get("peer_compiled_error")
             assert r["peer_compiled_max_abs_diff"] < 1e-5, name

@@ -23,7 +23,17 @@ Cases (the issue's names; `Settings` holds the sizes):
 - ``compression_matrix_free``: the same rate by diffjax's matrix-free Hutchinson estimate
   (`num_probes` `vjp`s) against the peer's full Jacobian; ``rel_error`` against the exact
   value.
+- ``purify_32``, ``grad_32``: purification and one full-gradient step at 32x32x3 (CIFAR
+  size) with Ho et al.'s CIFAR-10 architecture at a quarter of its width
+  (`models.cifar10_quarter_size`: 2.2M parameters, 0.80 GFLOPs per forward per image).
 - ``scale_*``: how the costs grow with batch size, image size and steps.
+
+The compiled peer: in the cases named in `Settings.compiled_peer`, the same peer loop
+around ``torch.compile`` of the U-Net (`peer.CompiledPeers`) is also timed
+(``peer_compiled_s``, ``ratio_compiled = peer_compiled_s / diffjax_s``), after its output
+is compared with diffjax's (``peer_compiled_max_abs_diff``); its compile time is the
+first call's (``peer_compiled_first_call_s``). A failure is recorded
+(``peer_compiled_error``), not hidden.
 """
 
 from __future__ import annotations
@@ -74,6 +84,13 @@ class Settings:
       cifar_jac_steps: reverse steps of the CIFAR-size compression cases.
       rss: measure the peer's peak RSS in subprocesses (``grad_t*``).
       noremat: also time diffjax's gradient without remat (``grad_t*``).
+      res32: run ``purify_32`` and ``grad_32`` (32x32x3, `res32_size`).
+      res32_size: their U-Net (Ho et al.'s CIFAR-10 architecture at a quarter width).
+      res32_steps, res32_purify_batch, res32_grad_batch: their steps and batches.
+      compiled_peer: the cases that also time the compiled peer.
+      compile_mode: its ``torch.compile`` mode (None: the default).
+      compile_backend: its backend ("inductor"; the tests: "eager", graph capture only).
+      channels_last: its memory format.
     """
 
     name: str
@@ -97,6 +114,15 @@ class Settings:
     cifar_jac_steps: int = 2
     rss: bool = False
     noremat: bool = False
+    res32: bool = True
+    res32_size: models.UNetSize = dataclasses.field(default_factory=models.cifar10_quarter_size)
+    res32_steps: int = 10
+    res32_purify_batch: int = 4
+    res32_grad_batch: int = 2
+    compiled_peer: tuple[str, ...] = ("purify_t100", "grad_t10", "purify_32", "grad_32")
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+    channels_last: bool = False
 
 
 def quick_settings() -> Settings:
@@ -118,7 +144,7 @@ def tiny_settings() -> Settings:
     size = models.UNetSize(resolution=8, ch=8, ch_mult=(1, 2), num_groups=4)
     return Settings(name="tiny", size=size, repeats=1, t_star=10, purify_batch=2,
                     grad_batch=2, grad_steps=(2, 5), eot=3, eot_batch=1, eot_steps=2,
-                    jac_steps=2, num_probes=16, jac_chunk=64)
+                    jac_steps=2, num_probes=16, jac_chunk=64, res32=False, compiled_peer=())
 
 
 # ------------------------------------------------------------------------------ diffjax
@@ -152,6 +178,9 @@ class Bench:
         self.results: dict[str, dict] = {}
         self._pairs: dict[models.UNetSize, models.Pair] = {}
         self.meta: dict = {}
+        self.compiled = peer.CompiledPeers(mode=settings.compile_mode,
+                                           backend=settings.compile_backend,
+                                           channels_last=settings.channels_last)
 
     # -- fixtures
 
@@ -172,9 +201,22 @@ class Bench:
         labels = (np.arange(batch) % 10).astype(np.int32)
         return x, keys, w, labels
 
-    def peer_purifier(self, pair: models.Pair, num_steps: int) -> peer.PeerPurifier:
+    def peer_purifier(self, pair: models.Pair, num_steps: int,
+                      model=None) -> peer.PeerPurifier:
+        """The peer's loop around `model` (default: the eager U-Net of `pair`)."""
         taus = diffusion.respaced_timesteps(self.s.t_star, num_steps)
-        return peer.PeerPurifier(pair.torch_model, self.acp, self.s.t_star, taus)
+        return peer.PeerPurifier(model or pair.torch_model, self.acp, self.s.t_star, taus)
+
+    def _compiled(self, name: str, pair: models.Pair, run, reference, batch: int) -> dict:
+        """The compiled peer's fields for case `name` (none unless it is in
+        `Settings.compiled_peer`): ``run(model)`` checked against `reference`, then timed."""
+        if name not in self.s.compiled_peer:
+            return {}
+        self.log(f"[{name}] compiling the peer (torch.compile, mode {self.s.compile_mode}) ...")
+        out = self.compiled.measure(pair.torch_model, False, run, reference, batch,
+                                    repeats=self.s.repeats, warmup=1)
+        self.meta["compiled_peer_errors"] = self.compiled.errors
+        return out
 
     def noises(self, keys, size: models.UNetSize, num_steps: int) -> torch.Tensor:
         """The JAX-drawn noise of every step, as an NCHW torch stack."""
@@ -189,10 +231,17 @@ class Bench:
         res["ratio"] = _ratio(res.get("peer_s"), res.get("diffjax_s"))
         if "peer_ckpt_s" in res:
             res["ratio_ckpt"] = _ratio(res.get("peer_ckpt_s"), res.get("diffjax_s"))
+        if "peer_compiled_s" in res:
+            res["ratio_compiled"] = _ratio(res.get("peer_compiled_s"), res.get("diffjax_s"))
         self.results[name] = res
         fmt = lambda v: "-" if v is None else f"{v:.4g}"
+        compiled = "" if "peer_compiled_s" not in res else (
+            f" (compiled {fmt(res['peer_compiled_s'])} s/img, ratio "
+            f"{fmt(res['ratio_compiled'])})")
+        if "peer_compiled_error" in res:
+            compiled = f" (compiled peer FAILED: {res['peer_compiled_error'][:200]})"
         self.log(f"[{name}] diffjax {fmt(res.get('diffjax_s'))} s/img, peer "
-                 f"{fmt(res.get('peer_s'))} s/img, ratio {fmt(res['ratio'])}, "
+                 f"{fmt(res.get('peer_s'))} s/img{compiled}, ratio {fmt(res['ratio'])}, "
                  f"max|diff| {fmt(res.get('max_abs_diff'))}, compile "
                  f"{fmt(res.get('compile_s'))} s")
         return res
@@ -211,19 +260,21 @@ class Bench:
         ppur = self.peer_purifier(pair, steps)
         xt, nz = peer.to_nchw(x), self.noises(keys, size, steps)
 
-        def run_p():
+        def run_p(model=None):
+            p = ppur if model is None else self.peer_purifier(pair, steps, model)
             with torch.inference_mode():
-                return ppur(xt, nz)
+                return p(xt, nz)
 
         diff = float(np.abs(peer.to_nhwc(run_p()) - out_j).max())
         tj, _ = timing.median_time(run_j, repeats=self.s.repeats)
         tp, _ = timing.median_time(run_p, repeats=self.s.repeats)
+        extra = self._compiled(name, pair, run_p, out_j, batch)
         return self.record(
             name, what or f"purification, {steps} steps, batch {batch}, {size.label()}",
             diffjax_s=tj / batch, peer_s=tp / batch, diffjax_images_per_s=batch / tj,
             peer_images_per_s=batch / tp, diffjax_peak_mb=peak, peer_peak_mb=None,
             max_abs_diff=diff, compile_s=compile_s, batch=batch, steps=steps,
-            resolution=size.resolution)
+            resolution=size.resolution, **extra)
 
     def grad_case(self, name: str, size: models.UNetSize, batch: int, steps: int, *,
                   memory: bool = True, what: str | None = None) -> dict:
@@ -244,7 +295,9 @@ class Bench:
         tj, _ = timing.median_time(lambda: compiled(*args), repeats=self.s.repeats)
         tp, _ = timing.median_time(run_p, repeats=self.s.repeats)
         tpc, _ = timing.median_time(run_pc, repeats=self.s.repeats)
-        extra = {}
+        extra = self._compiled(
+            name, pair, lambda model: self.peer_purifier(pair, steps, model).grad(xt, nz, wt, yt),
+            g_j, batch)
         if memory:
             params = list(pair.torch_model.parameters())
             extra["peer_saved_mb"] = peer.saved_tensor_mb(run_p, exclude=params)
@@ -399,6 +452,16 @@ def run_all(settings: Settings, log: Callable[[str], None] = print,
     guarded("purify", b.purify_case, f"purify_t{s.t_star}", s.size, s.purify_batch, s.t_star)
     for steps in s.grad_steps:
         guarded(f"grad_t{steps}", b.grad_case, f"grad_t{steps}", s.size, s.grad_batch, steps)
+    if s.res32:
+        size32 = s.res32_size
+        guarded("purify_32", b.purify_case, "purify_32", size32, s.res32_purify_batch,
+                s.res32_steps)
+        guarded("grad_32", b.grad_case, "grad_32", size32, s.res32_grad_batch, s.res32_steps,
+                memory=False)
+        info["res32"] = {"size": dataclasses.asdict(size32),
+                         "num_params": b.pair(size32).num_params,
+                         "unet_flops_per_image": timing.unet_flops(
+                             b.pair(size32).eps_fn, 1, size32.resolution, size32.channels)}
     guarded("eot", b.eot_case, f"eot{s.eot}_grad")
     guarded("compression", b.compression_cases, s.size, s.jac_steps)
     for batch in s.scale_batches:
@@ -420,4 +483,6 @@ def run_all(settings: Settings, log: Callable[[str], None] = print,
         size = dataclasses.replace(s.size, resolution=32)
         guarded("compression_32", b.compression_cases, size, s.cifar_jac_steps, suffix="_32",
                 peer_rows=16, repeats=1)
+    if b.compiled.errors:
+        info["compiled_peer_errors"] = b.compiled.errors
     return b.results, info

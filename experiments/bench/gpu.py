@@ -75,7 +75,7 @@ class GpuSettings:
       probe_n: the matmul-throughput probe's size.
       iterations, images: the projected evaluation (PGD iterations, test-set sizes).
       compiled_peer, compile_mode, compile_backend, channels_last: the compiled peer
-        (`peer.CompiledPeers`; the CPU smoke test: backend ``"aot_eager"``, no codegen).
+        (`peer.CompiledPeers`; the CPU smoke test: backend ``"eager"``, no codegen).
     """
 
     name: str
@@ -121,7 +121,7 @@ def gpu_smoke_settings() -> GpuSettings:
         t_star=10, steps=3, repeats=1, warmup=1, check_batch=2, check_grad_batch=2,
         purify_batch=2, grad_batch=2, eot_batch=1, pp_purify_batch=2, pp_grad_batch=2,
         pp_eot_batch=1, eot=2, mem_steps=(2,), peer_mem_batch=2, peer_mem_steps=(2, 3),
-        extra_purify_batches=(), probe_n=128, compile_mode=None, compile_backend="aot_eager",
+        extra_purify_batches=(), probe_n=128, compile_mode=None, compile_backend="eager",
         channels_last=False)
 
 

@@ -253,8 +253,8 @@ def compiled_model(model, *, mode: str | None = "max-autotune", backend: str = "
       model: a diffusers ``UNet2DModel`` (left unchanged: a deep copy is compiled).
       mode: ``torch.compile``'s mode (None: the default; "max-autotune": autotuned GEMM /
         convolution templates, plus CUDA graphs on a GPU).
-      backend: ``"inductor"`` (generated C++ / Triton), or ``"aot_eager"`` (graph capture
-        and AOTAutograd without code generation: the tests' quick path).
+      backend: ``"inductor"`` (generated C++ / Triton); ``"eager"`` / ``"aot_eager"``
+        capture the graph (and AOTAutograd) without code generation: the tests' quick path.
       channels_last: convert the weights and the inputs to ``torch.channels_last``.
       bf16: autocast to bfloat16.
       example: ``(x, t)`` to compile on (one call, or one forward and backward with

@@ -63,12 +63,13 @@ def _fmt(v, digits: int = 3) -> str:
 
 def markdown_table(results: dict) -> str:
     """One row per case: times per image, ratio, memory, compile time, agreement."""
-    head = ("| case | what | diffjax s/img | peer s/img | ratio peer/diffjax | peer+ckpt s/img "
-            "| diffjax MB | peer MB (ckpt) | compile s | max abs diff |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| case | what | diffjax s/img | peer s/img | ratio peer/diffjax | compiled peer "
+            "s/img | ratio compiled/diffjax | peer+ckpt s/img | diffjax MB | peer MB (ckpt) | "
+            "compile s | max abs diff |")
+    lines = [head, "|" + "---|" * 12]
     for name, r in cases_of(results).items():
         if "error" in r:
-            lines.append(f"| `{name}` | FAILED: {r['error'][:200]} |" + " - |" * 8)
+            lines.append(f"| `{name}` | FAILED: {r['error'][:200]} |" + " - |" * 10)
             continue
         peer_mb = _fmt(r.get("peer_peak_mb"))
         if r.get("peer_ckpt_peak_mb") is not None:
@@ -83,9 +84,13 @@ def markdown_table(results: dict) -> str:
                      "diffjax exact")
         if r.get("peer_extrapolated_from_rows"):
             what += f"; peer time extrapolated from {r['peer_extrapolated_from_rows']} rows"
+        compiled = _fmt(r.get("peer_compiled_s"))
+        if r.get("peer_compiled_error"):
+            compiled = f"failed: {r['peer_compiled_error'][:120]}"
         lines.append(
             f"| `{name}` | {what} | {_fmt(r.get('diffjax_s'))} | {_fmt(r.get('peer_s'))} | "
-            f"{_fmt(r.get('ratio'))} | {_fmt(r.get('peer_ckpt_s'))} | "
+            f"{_fmt(r.get('ratio'))} | {compiled} | {_fmt(r.get('ratio_compiled'))} | "
+            f"{_fmt(r.get('peer_ckpt_s'))} | "
             f"{_fmt(r.get('diffjax_peak_mb'))} | {peer_mb} | {_fmt(r.get('compile_s'))} | "
             f"{_fmt(r.get('max_abs_diff'))} |")
     return "\n".join(lines) + "\n"
