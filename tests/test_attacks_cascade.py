@@ -134,12 +134,16 @@ def test_independent_keeps_every_example_and_judges_by_evaluation_draw_zero():
     params, x, y, keys = problem(12, seed=4)
     defense = Defense(Partial(noisy_purify), Partial(mlp_logits, params))
     p = protocols.Independent(eot=2, eval_draws=3)
-    out = run_cascade(defense, x, y, keys, cascade=Cascade((PGD,), chunk=2), protocol=p,
-                      batch_size=8)
-    assert np.all(out["iterations"] == 7)  # fresh draws: no early exit
-    ev = attacks.evaluate(defense, x, y, keys, out["x_adv"], under=(p,))
-    np.testing.assert_array_equal(out["success"],
+    first = run_cascade(defense, x, y, keys, cascade=Cascade((PGD,), chunk=2), protocol=p,
+                        batch_size=8)
+    assert np.all(first["iterations"] == 7)  # fresh draws: no early exit
+    both = run_cascade(defense, x, y, keys, cascade=Cascade((PGD, PGD), chunk=2), protocol=p,
+                       batch_size=8)
+    # Between attacks, "fooled" is the protocol's verdict: wrong under evaluation draw 0.
+    ev = attacks.evaluate(defense, x, y, keys, first["x_adv"], under=(p,))
+    np.testing.assert_array_equal(both["fooled_by"] == 0,
                                   ~np.asarray(ev["protocols"]["independent"]["adv_correct"]))
+    assert np.all(both["iterations"][both["fooled_by"] == 0] == 7)
 
 
 def test_apgd_variants_share_one_compiled_program():

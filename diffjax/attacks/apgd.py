@@ -24,8 +24,11 @@ of the schedule of the reference implementation (`fra31/auto-attack`,
   fooling points: either fools); so a run in chunks with early exit
   (`diffjax.attacks.cascade`) equals the whole run.
 - APGD-T (`loss="dlr_targeted"`, `target_rank=r`): the targeted DLR loss towards the
-  class ranked `r` (2 = the runner-up) by the logits at the clean image under the attack's
-  first randomness, as AutoAttack's `apgd-t` does for r = 2 .. 10.
+  class ranked `r` (2 = the runner-up) by the classifier's logits at the clean image, as
+  AutoAttack's `apgd-t` does for r = 2 .. 10. Against a purified model AutoAttack would
+  rank the defended model's logits; we rank the classifier's own (no purification in
+  `init`: one compiled purifier program fewer per attack), a choice of which classes to
+  try, not of how hard to attack them.
 
 Randomness: the gradient at iteration i (i = 0 is the start, i = 1..N the iterates) uses
 `protocol.attack_keys(k, i)`: under ``Fixed``/``Transfer`` the example's realization
@@ -136,7 +139,7 @@ class APGDConfig:
         return ctx.options["steps"] if "steps" in ctx.options else jnp.int32(self.steps)
 
     def init(self, ctx, protocol, x, y):
-        del y
+        del protocol, y
         b = x.shape[0]
         n = self._steps(ctx)
         keys = protocols.start_keys(ctx.example_keys)
@@ -146,8 +149,7 @@ class APGDConfig:
                                                   jax.random.key_data(keys)))
         x0 = start_point(keys, x, ctx.eps, self.norm)
         rank = ctx.options.get("target_rank", jnp.int32(self.target_rank))
-        k0 = protocol.attack_keys(ctx.example_keys, jnp.uint32(0))[0]
-        order = jnp.argsort(ctx.defense.logits(x, k0), axis=-1)
+        order = jnp.argsort(ctx.defense.logits_fn(x), axis=-1)  # the classifier's ranking
         target = jnp.take(order, order.shape[-1] - rank, axis=-1).astype(jnp.int32)
         zeros = jnp.zeros((b,), jnp.float32)
         state = dict(

@@ -202,7 +202,9 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
 
     Returns:
       A dict of host arrays: ``x_adv`` `[N,H,W,C]`, ``success`` `[N]` bool (fooled by
-      some attack of the cascade, by its criterion), ``fooled_by`` `[N]` int (the index of
+      some attack of the cascade, by its criterion; under fresh draws the last attack's is
+      its own success under its random draws, since no attack follows that would need the
+      protocol's verdict), ``fooled_by`` `[N]` int (the index of
       the first attack that fooled the example, -1 if none), ``iterations`` `[N]` int
       (iterations spent on the example, summed over the attacks), ``linf``/``l2`` `[N]`,
       and ``seconds`` (wall time per attack, computed in this call, `[len(attacks)]`).
@@ -245,12 +247,12 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
         t0 = time.time()
         rows = np.flatnonzero(robust)
         if parallel.agree_max(len(rows)):
+            last = s == len(cascade.attacks) - 1
             out = _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh,
-                           cascade, store, f"attack{s}", log, eps_all)
+                           cascade, store, f"attack{s}", log, eps_all, verdict=not last)
             won = rows[out["fooled"]]
             x_adv[won] = out["x_adv"][out["fooled"]]
             # Keep the last attack's points for the examples nobody fooled (its loss optimum).
-            last = s == len(cascade.attacks) - 1
             if last:
                 x_adv[rows[~out["fooled"]]] = out["x_adv"][~out["fooled"]]
             fooled_by[won] = s
@@ -270,9 +272,11 @@ def run_cascade(defense, x, y, example_keys, *, cascade: Cascade, protocol, batc
 
 
 def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, cascade,
-             store, name, log, eps_all) -> dict:
+             store, name, log, eps_all, verdict: bool = True) -> dict:
     """One attack over `rows`: rounds of `chunk` iterations with early exit; returns the
-    per-row `x_adv`, `fooled` (the cascade's criterion) and `iterations`."""
+    per-row `x_adv`, `fooled` (the cascade's criterion; with `verdict=False`, under fresh
+    draws, the attack's own success: no evaluation is run when no attack follows) and
+    `iterations`."""
     m = len(rows)
     steps = int(attack.total_iterations)
     chunk = steps if cascade.chunk is None else min(int(cascade.chunk), steps)
@@ -353,7 +357,7 @@ def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, 
                                     protocol=protocol)
         k = len(idx)
         xa = parallel.local_rows(res.x_adv)[:k]
-        if protocol.attack_stream == "realization":
+        if protocol.attack_stream == "realization" or not verdict:
             won = parallel.local_rows(res.success)[:k]
         else:  # the protocol's verdict: wrong under its evaluation draw 0
             ev = evaluation.evaluate_program(defense, xs, res.x_adv, ys, ctx.example_keys,

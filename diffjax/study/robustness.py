@@ -70,7 +70,9 @@ def attack_part(study: Study, method: str, t_star: int | None = None,
       stream: "realization" (the attack of Fixed/Transfer) or "fresh" (Independent).
       n: the first n examples (default all).
       variant, cascade, defense, evals, eps: the audit's variants (another attack, another
-        gradient path, another budget), saved under their own part name.
+        gradient path, another budget), saved under their own part name. `defense` is the
+        one ATTACKED (e.g. with straight-through clip gradients); the evaluation always
+        classifies with the method's own (the forward passes are the same).
 
     Returns:
       Arrays over the examples in id order: ``ids``, ``x_adv``-free attack results
@@ -96,12 +98,12 @@ def attack_part(study: Study, method: str, t_star: int | None = None,
     evals = evals or default_evals
 
     def compute():
-        d = defense or study.defense(method, t_star)
+        d = study.defense(method, t_star)
         casc = cascade or study.cascade(method)
         rows = study.rows(n)
         x, y, kd = study.x[rows], study.y[rows], study.keys[rows]
         out = cascade_lib.run_cascade(
-            d, x, y, jax.random.wrap_key_data(kd), cascade=casc, protocol=protocol,
+            defense or d, x, y, jax.random.wrap_key_data(kd), cascade=casc, protocol=protocol,
             batch_size=study.batch_size, mesh=study.mesh, store=study.workdir.store(name),
             log=lambda m: study.log(f"[{name}] {m}"), eps=eps)
         ev = study.map_batches(
