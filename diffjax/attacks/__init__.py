@@ -13,12 +13,13 @@
   purified images under the realization); `attack_and_evaluate`: an attack and its
   evaluation in one program.
 - `gradient_correlation`: cosine between the EOT gradient and the fixed-randomness one.
-- `evaluate_dataset`: sharded, resumable robust-accuracy evaluation over batches.
+- `cascade.run_cascade`: attacks over a whole set of examples (AutoAttack-style cascades,
+  early exit, repacking into full batches, resumable); `diffjax.study` runs it per part.
 """
 
 from diffjax.attacks.apgd import APGDConfig, apgd_attack, checkpoint_schedule
+from diffjax.attacks.cascade import Cascade, run_cascade
 from diffjax.attacks.engine import AttackResult
-from diffjax.attacks.evaluate import evaluate_dataset, read_results, summarize
 from diffjax.attacks.evaluation import (
     attack_and_evaluate,
     evaluate,
@@ -39,6 +40,7 @@ from diffjax.protocols import PROTOCOLS, Fixed, Independent, Protocol, Transfer,
 __all__ = [
     "APGDConfig",
     "AttackResult",
+    "Cascade",
     "Fixed",
     "Gradient",
     "Independent",
@@ -54,15 +56,13 @@ __all__ = [
     "attack_loss",
     "checkpoint_schedule",
     "evaluate",
-    "evaluate_dataset",
     "gradient_correlation",
     "loss_and_grad",
     "per_draw_loss_and_grad",
     "pgd_attack",
     "project",
-    "read_results",
     "resolve_example_keys",
+    "run_cascade",
     "square_attack",
     "straight_through",
-    "summarize",
 ]

@@ -130,14 +130,23 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+def _is_key(a) -> bool:
+    return jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 def to_auto(tree):
     """Re-places every array of `tree` that lives on an explicit mesh onto its `Auto` twin."""
 
     def one(a):
         s = getattr(a, "sharding", None) if _concrete(a) else None
-        if _concrete(a) and _explicit(s):
-            return jax.device_put(a, NamedSharding(auto_mesh(s.mesh), s.spec))
-        return a
+        if not (_concrete(a) and _explicit(s)):
+            return a
+        if _is_key(a):  # typed keys: move their data (its sharding has one more axis)
+            data = jax.random.key_data(a)
+            moved = jax.device_put(data, NamedSharding(auto_mesh(s.mesh),
+                                                       data.sharding.spec))
+            return jax.random.wrap_key_data(moved, impl=jax.random.key_impl(a))
+        return jax.device_put(a, NamedSharding(auto_mesh(s.mesh), s.spec))
 
     return jax.tree.map(one, tree)
 
