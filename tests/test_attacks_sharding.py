@@ -16,6 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import xla_flags
 from jax.tree_util import Partial
 
 from diffjax import attacks, diffusion, parallel, protocols, randomness
@@ -94,7 +95,7 @@ def test_eight_devices_equal_one(tmp_path):
     one = run()
     multi = tmp_path / "eight.npz"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     code = CHILD.format(here=str(HERE), path=str(multi))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -1,59 +1,37 @@
-"""The main job: the quick study end to end, resume after an interruption, bad flags, devices."""
+"""The main job: the whole study end to end on a tiny purifier (every part, the audit),
+one realization per example, results.json -> report, resume, a bucket URL, bad flags."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
+import jax
+import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import make_tiny_ddpm, run_module, tiny_study_config
 
-from diffjax.study import Interrupted, Workdir, report, run_study
-from experiments.configs import reproduce as reproduce_config
+from diffjax import protocols, randomness
+from diffjax.study import Interrupted, Study, Workdir, report, robustness, run_study
 
 NUMBER_KEYS = ("clean_accuracy", "distances", "robust_accuracy", "gradient_correlation",
-               "compression", "sigmoid_fit", "randomness_correlation", "fid")
-
-
-def tiny_config():
-    """The quick config, shrunk further so that several runs fit in a test."""
-    c = reproduce_config.get_config("quick")
-    c.methods = "ddpm,ddim"
-    c.num_examples = 8
-    c.batch_size = 4  # two batches: per-batch keys and resume are exercised
-    c.eval_draws = 2
-    c.purifier.num_steps = 2
-    c.attack.steps = 2
-    c.attack.eot = 2
-    c.correlation.eot = 2
-    c.correlation.num_examples = 8
-    c.randomness.num_images = 1
-    c.randomness.num_points = 4
-    c.compression.methods = "ddpm"
-    c.compression.t_stars = "10,100,300"
-    c.compression.num_examples = 2
-    c.compression.num_attack_examples = 8
-    c.fid_reference_examples = 64
-    return c
-
-
-def numbers(res: dict) -> dict:
-    """The result numbers, flattened, with NaN (e.g. an undetermined fit interval) as None
-    so that equal results compare equal."""
-    flat = flat_numbers({k: res[k] for k in NUMBER_KEYS})
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in flat.items()}
+               "compression", "sigmoid_fit", "randomness_correlation", "fid", "audit")
 
 
 def flat_numbers(tree, prefix="") -> dict:
-    """{"a/b/0": number} for every number in a nested dict/list."""
+    """{"a/b/0": number} for every number in a nested dict/list (NaN as None)."""
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items()
                 for k, v in flat_numbers(sub, f"{prefix}{key}/").items()}
     if isinstance(tree, list):
         return {k: v for i, sub in enumerate(tree)
                 for k, v in flat_numbers(sub, f"{prefix}{i}/").items()}
-    return {prefix.rstrip("/"): tree} if isinstance(tree, (int, float)) else {}
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("/"): None if isinstance(tree, float) and math.isnan(tree)
+                else tree}
+    return {}
+
+
+def numbers(res: dict) -> dict:
+    return flat_numbers({k: res[k] for k in NUMBER_KEYS if k in res})
 
 
 def quiet(_msg):
@@ -61,88 +39,191 @@ def quiet(_msg):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """The real quick config, run once for the module."""
-    path = tmp_path_factory.mktemp("quick")
-    res = run_study(reproduce_config.get_config("quick"), Workdir(path, log=quiet), log=quiet)
+def tiny(tmp_path_factory):
+    """The whole study on a tiny random DDPM, run once for the module."""
+    root = tmp_path_factory.mktemp("study")
+    ddpm = make_tiny_ddpm(root / "ddpm")
+    path = root / "run"
+    res = run_study(tiny_study_config(ddpm), Workdir(path, log=quiet), log=quiet)
     paths = report.write_all(res, path)
-    return path, res, paths
+    return ddpm, path, res, paths
 
 
-def test_quick_study_writes_schema_and_figures(quick_run):
-    path, res, paths = quick_run
+def test_results_schema_intervals_tests_and_figures(tiny):
+    _, path, _, paths = tiny
     out = json.loads((path / "results.json").read_text())
     for key in report.SCHEMA_KEYS:
         assert key in out, key
-    methods = ["ddpm", "reverse_only", "ddim", "sde"]
-    assert out["dataset"] == "digits" and out["num_examples"] == 24
-    assert set(out["clean_accuracy"]) == {"undefended", *methods}
+    methods = ["ddpm", "ddim"]
+    assert out["dataset"] == "digits" and out["num_examples"] == 8
+    ca, ra = out["clean_accuracy"], out["robust_accuracy"]
+    for name in ("undefended", *methods):
+        lo, hi = ca[f"{name}_ci"]
+        assert 0.0 <= lo <= ca[name] <= hi <= 1.0
+    lo, hi = ra["undefended_ci"]
+    assert lo <= ra["undefended"] <= hi
     for m in methods:
+        r = ra[m]
+        for p in ("fixed", "transfer", "independent_eot"):
+            assert r[f"{p}_ci"][0] <= r[p] <= r[f"{p}_ci"][1]
+        for test in ("test_fixed_vs_transfer", "test_fixed_vs_independent"):
+            assert 0.0 <= r[test]["p_value"] <= 1.0 and r[test]["n"] == 8
         d = out["distances"][m]
         assert set(d) >= {"l2_adv_input", "l2_purified", "linf_purified", "ssim_adv_input",
                           "ssim_purified"}
-        r = out["robust_accuracy"][m]
-        for protocol in ("independent_eot", "transfer", "fixed"):
-            assert 0.0 <= r[protocol] <= 1.0
+        assert d["linf_adv_input"] <= 0.1 + 1e-6  # the attack's budget bounds the input
+        assert 0.0 <= d["test_purified_farther"]["p_value"] <= 1.0
         assert -1.0 <= out["gradient_correlation"][m] <= 1.0
-        # The attack's l_inf budget bounds the adversarial input's distance.
-        assert d["linf_adv_input"] <= 0.1 + 1e-6
-    assert 0.0 <= out["robust_accuracy"]["undefended"] <= 1.0
-    assert len(out["compression"]) == 6
+    assert len(out["compression"]) == 2
     for p in out["compression"]:
-        assert set(p) >= {"method", "t_star", "compression_rate", "robust_accuracy_fixed",
-                          "clean_accuracy"}
         assert p["compression_rate"] > 0
+        assert p["robust_accuracy_fixed_ci"][0] <= p["robust_accuracy_fixed"]
+        assert len(p["top_singular_values"]) == 8
     assert set(out["sigmoid_fit"]) >= {"params", "r2"}
+    audit = out["audit"]["ddpm"]
+    assert {r["check"] for r in audit["rows"]} == {"iterations", "clips", "gradient",
+                                                   "gradient-free", "budget"}
+    assert isinstance(audit["verdict"]["converged"], bool)
+    assert audit["verdict"]["sentence"]
+    claims = out["claims"]
+    assert list(claims) == ["claim1", "claim2", "claim3", "claim4"]
     text = paths["report"].read_text()
-    assert "## Claims" in text and text.count("eproduced.**") == 4
+    assert "## Claims" in text and text.count("eproduced.**") == 4 and "p = " in text
+    assert "## Gradient-masking audit" in text and "## Cost per part" in text
     for name in ("compression_robustness", "distances", "examples"):
-        assert paths[name].stat().st_size > 1000
+        assert len(paths[name].read_bytes()) > 1000
+    costs = out["costs"]["parts"]
+    assert robustness.part_name("ddpm", 100, "realization") in costs
+    for c in costs.values():
+        assert c["wall_s"] >= c["compile_s"] >= 0 and c["run_s"] >= 0
 
 
-def test_compression_rate_grows_weaker_with_less_noise(quick_run):
-    # More diffusion (larger t*) compresses more: the rate falls with t* for each method.
-    _, res, _ = quick_run
-    for m in ("ddpm", "reverse_only"):
-        pts = sorted((p for p in res["compression"] if p["method"] == m),
-                     key=lambda p: p["t_star"])
-        rates = [p["compression_rate"] for p in pts]
-        assert rates[0] > rates[-1], (m, rates)
+def test_one_realization_per_example(tiny):
+    """Every number under fixed randomness comes from the same random map: the sweep point
+    at the main t* IS the accuracy table's, every fixed verdict is the attack's own success
+    under the realization, and the stored purified clean images are the realization's."""
+    ddpm, path, res, _ = tiny
+    for m in ("ddpm", "ddim"):
+        c = res["consistency"][m]
+        assert c["fixed_verdict_is_the_attacks_own"]
+    point = next(p for p in res["compression"] if p["t_star"] == 100)
+    assert point["clean_accuracy"] == res["clean_accuracy"]["ddpm"]
+    assert point["robust_accuracy_fixed"] == res["robust_accuracy"]["ddpm"]["fixed"]
+    assert res["consistency"]["ddpm"]["sweep_point_at_main_t_star"] == {
+        "clean_accuracy_equal": True, "robust_accuracy_fixed_equal": True}
+    study = Study(tiny_study_config(ddpm), Workdir(path, log=quiet), quiet)
+    part = robustness.attack_part(study, "ddpm")  # loaded
+    keys = randomness.example_keys(jax.random.key(0), np.arange(6))
+    pur = study.defense("ddpm").purify(study.x[:6], protocols.realization(keys))
+    np.testing.assert_allclose(part["img_purified_clean"], pur, atol=1e-6)
+    clean = np.argmax(study.classifier.logits_fn(pur), -1) == study.y[:6]
+    np.testing.assert_array_equal(part["clean_correct_fixed"][:6], clean)
 
 
-def test_rerun_loads_finished_parts(quick_run):
-    path, res, _ = quick_run
-    again = run_study(reproduce_config.get_config("quick"), Workdir(path, log=quiet), log=quiet)
+def test_report_is_rendered_from_results_json(tiny):
+    _, path, _, paths = tiny
+    before = paths["report"].read_text()
+    paths["report"].unlink()
+    again = report.render(path)
+    assert again["report"].read_text() == before
+
+
+def test_rerun_loads_every_part(tiny):
+    ddpm, path, res, _ = tiny
+    again = run_study(tiny_study_config(ddpm), Workdir(path, log=quiet), log=quiet)
     assert again["parts"]["computed"] == []
     assert numbers(again) == numbers(res)
 
 
-def test_interrupted_run_resumes_to_the_same_results(tmp_path):
-    whole = run_study(tiny_config(), Workdir(tmp_path / "whole", log=quiet), log=quiet)
-    cut = tmp_path / "cut"
+def test_interrupted_run_resumes_to_the_same_results(tiny, tmp_path):
+    ddpm, _, res, _ = tiny
     with pytest.raises(Interrupted):
-        run_study(tiny_config(), Workdir(cut, fail_after_batches=3, log=quiet), log=quiet)
-    saved = sorted(p.name for p in (cut / "parts").rglob("batch_*.npz"))
-    assert len(saved) == 3
-    resumed = run_study(tiny_config(), Workdir(cut, log=quiet), log=quiet)
-    assert numbers(resumed) == numbers(whole)
+        run_study(tiny_study_config(ddpm), Workdir(tmp_path, fail_after_batches=4, log=quiet),
+                  log=quiet)
+    assert list((tmp_path / "parts").rglob("*.npz"))
+    resumed = run_study(tiny_study_config(ddpm), Workdir(tmp_path, log=quiet), log=quiet)
+    assert numbers(resumed) == numbers(res)
 
 
-def run_cli(args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "experiments.reproduce", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+def test_a_bucket_workdir_stays_a_url(tmp_path):
+    """gs:// paths go through etils.epath to the filesystem (a fake GCS here): nothing is
+    written to a local folder named 'gs:'."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    for name in ("gs", "gcs"):
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    wd = Workdir("gs://bucket/run", log=quiet)
+    assert str(wd.path) == "gs://bucket/run"
+    assert wd.part("p", lambda: {"a": 1}) == {"a": 1}
+    arrays = wd.arrays("q", lambda: {"x": np.arange(3)})
+    np.testing.assert_array_equal(arrays["x"], np.arange(3))
+    store = wd.store("q")
+    store.save("state", {"s": np.ones(2)})
+    np.testing.assert_array_equal(store.load("state")["s"], np.ones(2))
+    files = set(FakeGCS.store)
+    assert {"gs://bucket/run/parts/p.json", "gs://bucket/run/parts/q.npz",
+            "gs://bucket/run/parts/q/state.npz"} <= {f if f.startswith("gs://") else
+                                                   f"gs://{f.lstrip('/')}" for f in files}
+    again = Workdir("gs://bucket/run", log=quiet)
+    assert again.part("p", lambda: {"a": 2}) == {"a": 1}  # loaded, not recomputed
+    assert not (tmp_path / "gs:").exists()
+
+
+def _flags(ddpm, **overrides) -> list[str]:
+    c = tiny_study_config(ddpm, **overrides)
+    keys = ("methods", "num_examples", "batch_size", "eval_draws", "purifier.num_steps",
+            "attack.cascade", "attack.steps", "attack.targets", "attack.chunk", "attack.eot",
+            "attack_undefended.steps", "attack_undefended.chunk", "attack_undefended.targets",
+            "correlation.eot", "correlation.num_examples", "randomness.num_images",
+            "randomness.num_points", "compression.methods", "compression.t_stars",
+            "compression.num_examples", "compression.num_attack_examples",
+            "audit.enabled", "audit.num_examples", "audit.step_multipliers", "audit.eps",
+            "audit.square_queries", "fid_reference_examples")
+    out = ["--config=experiments/configs/reproduce.py:quick", f"--config.diffusion={ddpm}"]
+    for k in keys:
+        obj = c
+        for part in k.split("."):
+            obj = obj[part]
+        out.append(f"--config.{k}={obj}")
+    return out
+
+
+def test_eight_devices_give_the_same_numbers(tiny, tmp_path):
+    """The study on 8 simulated CPU devices equals the module's single-device run."""
+    ddpm, _, res, _ = tiny
+    eight = run_module("reproduce", f"--workdir={tmp_path}",
+                       *_flags(ddpm, **{"audit.enabled": False}),
+                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert "claim 1:" in eight.stdout and "claim 4:" in eight.stdout
+    r8 = json.loads((tmp_path / "results.json").read_text())
+    assert r8["devices"]["count"] == 8
+    f1 = {k: v for k, v in numbers(res).items() if not k.startswith("audit/")}
+    f8 = numbers(r8)
+    assert f1.keys() == f8.keys()
+    for name in f1:
+        if f1[name] is None or f8[name] is None:
+            assert f1[name] == f8[name], name
+        else:
+            assert f8[name] == pytest.approx(f1[name], rel=1e-3, abs=1e-4), name
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--config.methods=ddpm,ddpm++"], "config.methods: expected one of"),
     (["--config.attack.eps=-0.1"], "config.attack.eps: expected a number in [0, 1]"),
+    (["--config.attack.cascade=apgd-ce,fgsm"], "config.attack.cascade: expected one of"),
     (["--config.diffusion=/nonexistent/ckpt"], "'/nonexistent/ckpt': no such checkpoint"),
     (["--config.compression.t_stars=10,x"], "config.compression.t_stars"),
     (["--config.attack.nosuch=1"], "--config.attack.nosuch: no such config field 'nosuch'"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, message):
-    proc = run_cli([f"--workdir={tmp_path / 'w'}", *flags])
+    proc = run_module("reproduce", f"--workdir={tmp_path / 'w'}", *flags, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
@@ -152,38 +233,7 @@ def test_bad_flags_exit_with_one_line(tmp_path, flags, message):
 def test_unwritable_workdir_and_missing_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = run_cli([f"--workdir={blocker / 'sub'}"])
+    proc = run_module("reproduce", f"--workdir={blocker / 'sub'}", check=False)
     assert proc.returncode == 1 and "error: workdir: cannot write to" in proc.stderr
-    proc = run_cli([])
+    proc = run_module("reproduce", check=False)
     assert proc.returncode == 1 and "error: --workdir: required" in proc.stderr
-
-
-def test_eight_devices_give_the_same_numbers(tmp_path):
-    """The tiny study on 8 simulated CPU devices equals the single-device run."""
-    overrides = [f"--config.{k}={v}" for k, v in (
-        ("methods", "ddpm"), ("num_examples", 12), ("batch_size", 12), ("eval_draws", 2),
-        ("purifier.num_steps", 2), ("attack.steps", 2), ("attack.eot", 2),
-        ("correlation.eot", 2), ("correlation.num_examples", 12),
-        ("randomness.num_images", 1), ("randomness.num_points", 4),
-        ("compression.methods", "ddpm"), ("compression.t_stars", "100"),
-        ("compression.num_examples", 1), ("compression.num_attack_examples", 12),
-        ("fid_reference_examples", 64))]
-    base = ["--config=experiments/configs/reproduce.py:quick", *overrides]
-    one = run_cli([f"--workdir={tmp_path / 'one'}", *base])
-    assert one.returncode == 0, one.stderr[-3000:]
-    eight = run_cli([f"--workdir={tmp_path / 'eight'}", *base],
-                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert eight.returncode == 0, eight.stderr[-3000:]
-    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
-    r8 = json.loads((tmp_path / "eight" / "results.json").read_text())
-    assert r1["devices"]["count"] == 1 and r8["devices"]["count"] == 8
-    for key in ("clean_accuracy", "robust_accuracy", "gradient_correlation"):
-        f1, f8 = flat_numbers(r1[key]), flat_numbers(r8[key])
-        assert f1.keys() == f8.keys(), key
-        for name in f1:
-            assert f8[name] == pytest.approx(f1[name], abs=1e-4), (key, name)
-    for p1, p8 in zip(r1["compression"], r8["compression"], strict=True):
-        assert p8["compression_rate"] == pytest.approx(p1["compression_rate"], rel=1e-4)
-        assert p8["robust_accuracy_fixed"] == p1["robust_accuracy_fixed"]
-    d1, d8 = r1["distances"]["ddpm"], r8["distances"]["ddpm"]
-    assert d8["l2_purified"] == pytest.approx(d1["l2_purified"], rel=1e-4)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from diffjax import data, train
 from diffjax.diffusion import linear_schedule
@@ -194,7 +195,7 @@ _DP_SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", _DP_SCRIPT], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
