@@ -126,6 +126,9 @@ class Study:
                                 ids=self.ids, synthetic=bool(cfg.get("synthetic_data")),
                                 seed=int(cfg.seed))
         self.x, self.y = test.images, test.labels
+        if jax.process_count() > 1:
+            self.log(f"process {jax.process_index()} reads its share of {self.split}: "
+                     f"examples {self.ids[0]}..{self.ids[-1]} of {self.num_examples}")
         self.root = jax.random.key(int(cfg.seed))
         self.keys = np.asarray(jax.random.key_data(
             randomness.example_keys(self.root, jnp.asarray(self.ids))))
