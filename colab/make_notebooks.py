@@ -53,10 +53,10 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from jax.tree_util import Partial
 
-from diffjax import attacks, data, metrics, pretrained, randomness
-from diffjax.defense import Defense, make_purifier, undefended
+from diffjax import attacks, data, metrics, pretrained, protocols, randomness
+from diffjax.defense import Defense, undefended
+from diffjax.diffusion import make_purifier
 
 print("jax", jax.__version__, "on", jax.devices()[0].platform)
 print("checkpoints:", pretrained.available())'''),
@@ -100,63 +100,56 @@ axes[1, 0].set_title("purified", loc="left", fontsize=8)
 plt.show()'''),
         new_markdown_cell(
             "## 2. Attack under fixed vs independent randomness\n\n"
-            "`attack_and_evaluate` runs PGD (l_inf eps 0.1, full gradients through every "
-            "reverse step) and evaluates the adversarial examples under a randomness "
-            "protocol:\n\n"
-            "- `independent`: each attack step draws fresh purifier randomness (EOT "
-            "averages K draws) and the test draws again: the stochastic defence as usually "
-            "reported;\n"
-            "- `fixed`: the attack and the test share the example's one fixed randomness;\n"
-            "- `transfer`: attack under the fixed randomness, test under another.\n\n"
+            "A randomness protocol (`diffjax.protocols`) says which purifier randomness the "
+            "attack and the test draw; it owns every key derivation:\n\n"
+            "- `Independent(eot=K, eval_draws=M)`: each attack step draws fresh purifier "
+            "randomness (EOT averages K draws) and the test draws again: the stochastic "
+            "defence as usually reported;\n"
+            "- `Fixed()`: the attack and the test share the example's ONE realization "
+            "(`protocols.realization(keys)`);\n"
+            "- `Transfer(eval_draws=M)`: the attack of `Fixed`, tested under other draws. "
+            "One attack serves `Fixed` and `Transfer`.\n\n"
+            "APGD (l_inf eps 0.1, full gradients through every reverse step) under each. "
             "The paper's claim: most of the apparent robustness comes from the randomness "
-            "mismatch, so `fixed` is much lower than `independent` and `transfer`."),
+            "mismatch, so `fixed` is lower than `independent` and `transfer`."),
         new_code_cell('''\
 defense = Defense(purifier, classifier.logits_fn)
 steps, eot = (2, 2) if QUICK else (10, 4)
+apgd = attacks.APGDConfig(norm="linf", eps=0.1, steps=steps)
 
-
-def pgd(eot_draws):
-    return attacks.PGDConfig(norm="linf", eps=0.1, step_size=0.025, steps=steps,
-                             gradient=attacks.Gradient("full", eot=eot_draws))
-
-
-results = {"undefended": attacks.attack_and_evaluate(
-    undefended(classifier.logits_fn), x, y, keys, config=pgd(1), protocol="fixed")}
-for protocol in ("fixed", "transfer", "independent"):
-    k = eot if protocol == "independent" else 1
-    results[protocol] = attacks.attack_and_evaluate(defense, x, y, keys, config=pgd(k),
-                                                    protocol=protocol)
-for name, out in results.items():
-    print(f"{name:>12}: clean {float(out['clean_correct'].mean()):.2f}  "
-          f"robust {float(out['adv_correct'].mean()):.2f}")'''),
+# One attack on the realization, evaluated under Fixed and Transfer.
+out = attacks.attack_and_evaluate(defense, x, y, keys, config=apgd, protocol=protocols.Fixed(),
+                                  also=(protocols.Transfer(eval_draws=4),))
+ind = attacks.attack_and_evaluate(defense, x, y, keys, config=apgd,
+                                  protocol=protocols.Independent(eot=eot, eval_draws=4))
+plain = attacks.attack_and_evaluate(undefended(classifier.logits_fn), x, y, keys, config=apgd)
+print(f"undefended : robust {float(plain['adv_correct'].mean()):.2f}")
+print(f"clean accuracy under the realization: {float(out['clean_correct_fixed'].mean()):.2f}")
+for name, res in (("fixed", out["protocols"]["fixed"]),
+                  ("transfer", out["protocols"]["transfer"]),
+                  ("independent", ind["protocols"]["independent"])):
+    print(f"{name:>11}: robust {float(res['adv_correct'].mean()):.2f}")'''),
         new_markdown_cell(
             "## 3. Compression rate\n\n"
-            "With its randomness fixed, the purifier is a deterministic map `f`. Its "
+            "Under its realization the purifier is a deterministic map `f`. Its "
             "compression rate at a clean image is the RMS singular value of the Jacobian, "
             "`||J||_F / sqrt(d)` (exact here: `d = 64`). A rate below 1 means the "
             "purifier shrinks neighbourhoods of the clean image; the paper relates the "
-            "robustness left under fixed randomness to this number."),
+            "robustness left under fixed randomness to this number. One call over the batch, "
+            "each example under the realization the fixed attack used:"),
         new_code_cell('''\
-def purify_one(key, image):
-    """The purifier on one example [H, W, C] under its fixed key."""
-    return purifier(image[None], key[None])[0]
-
-
 m = 2 if QUICK else 8
-rates, spectra = [], []
-for i in range(m):
-    f = Partial(purify_one, keys[i])  # the key is an argument: one compiled program
-    rates.append(float(metrics.compression_rate(f, x[i:i + 1], ad_mode="reverse")[0]))
-    spectra.append(np.asarray(metrics.jacobian_singular_values(f, x[i:i + 1],
-                                                               ad_mode="reverse")[0]))
-spectra = np.stack(spectra)
-print("compression rate per image:", np.round(rates, 3))
+real = protocols.realization(keys[:m])
+rates = metrics.compression_rate(defense.purify_fn, x[:m], keys=real, ad_mode="reverse")
+spectra = np.asarray(metrics.jacobian_singular_values(defense.purify_fn, x[:m], keys=real,
+                                                      ad_mode="reverse"))
+print("compression rate per image:", np.round(np.asarray(rates), 3))
 print("fraction of singular values below 0.25:", float(np.mean(spectra < 0.25)))
 plt.figure(figsize=(4, 2.5))
 plt.semilogy(spectra.T, alpha=0.6)
 plt.xlabel("index")
 plt.ylabel("singular value")
-plt.title("Jacobian spectrum of the purifier (fixed key)")
+plt.title("Jacobian spectrum of the purifier (its realization)")
 plt.show()'''),
         new_markdown_cell(
             "Next: `colab/reproduction.ipynb` runs the whole study (every claim, four "
@@ -188,17 +181,19 @@ from experiments.configs.reproduce import get_config
 
 config = get_config("quick")
 config.diffusion = DDPM
-if QUICK:  # the test's sizes: one method, a two-point sweep
+if QUICK:  # the test's sizes: one method, a two-point sweep, no audit
     config.num_examples = 8
     config.batch_size = 8
     config.methods = "ddpm"
     config.purifier.num_steps = 2
     config.attack.steps = 2
+    config.attack_undefended.steps = 4
     config.correlation.num_examples = 8
     config.compression.methods = "ddpm"
     config.compression.t_stars = "10,100"
     config.compression.num_examples = 2
     config.compression.num_attack_examples = 8
+    config.audit.enabled = False
     config.fid_reference_examples = 64
 workdir = pathlib.Path(os.environ.get("DIFFJAX_NOTEBOOK_WORKDIR") or tempfile.mkdtemp())
 print("workdir:", workdir)'''),
@@ -209,7 +204,8 @@ paths = report.write_all(results, workdir)
 print({k: str(v) for k, v in paths.items()})'''),
         new_markdown_cell("## Report: the paper's numbers beside ours, a verdict per claim"),
         new_code_cell('''\
-display(Markdown(paths["report"].read_text()))'''),
+display(Markdown(paths["report"].read_text()))
+print("\\n".join(report.summary_lines(results)))'''),
         new_markdown_cell(
             "## Figures\n\nRobust accuracy under fixed randomness against the compression "
             "rate, with the logistic fit (claim 4); distances to the clean image before and "
