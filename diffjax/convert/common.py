@@ -32,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "load_state_dict",
+    "check_not_html_or_lfs",
     "strip_prefix",
     "check_names_and_shapes",
     "conv_kernel",
@@ -60,7 +61,7 @@ def _sniff(path: pathlib.Path) -> bytes:
         return f.read(512)
 
 
-def _check_not_html_or_lfs(path: pathlib.Path, head: bytes) -> None:
+def check_not_html_or_lfs(path: pathlib.Path, head: bytes) -> None:
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
         raise ValueError(
@@ -186,7 +187,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if p.is_dir():
         raise ValueError(f"{p}: is a directory; expected a checkpoint file")
     head = _sniff(p)
-    _check_not_html_or_lfs(p, head)
+    check_not_html_or_lfs(p, head)
     suffix = p.suffix.lower()
     if suffix in _SAFETENSORS_SUFFIXES:
         return _load_safetensors(p)
@@ -210,7 +211,7 @@ def read_json(path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     head = _sniff(p)
-    _check_not_html_or_lfs(p, head)
+    check_not_html_or_lfs(p, head)
     try:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -196,7 +196,7 @@ def _read_msgpack(path: pathlib.Path) -> dict:
         raise FileNotFoundError(f"{path}: no such file; pass the checkpoint with --src")
     with open(path, "rb") as f:
         head = f.read(512)
-    common._check_not_html_or_lfs(path, head)
+    common.check_not_html_or_lfs(path, head)
     data = path.read_bytes()
     try:
         state = serialization.msgpack_restore(data)
