@@ -217,11 +217,7 @@ class AttnBlock(nn.Module):
         q = nn.Dense(c, dtype=self.dtype, name="q")(h)
         k = nn.Dense(c, dtype=self.dtype, name="k")(h)
         v = nn.Dense(c, dtype=self.dtype, name="v")(h)
-        d = c if self.head_dim is None else self.head_dim
-        q, k, v = (a.reshape(b, hh * ww, c // d, d) for a in (q, k, v))
-        w = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d ** -0.5)
-        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh * ww, c)
+        h = layers.attention(q, k, v, 1 if self.head_dim is None else c // self.head_dim)
         h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
         return x + h.reshape(b, hh, ww, c)
 
