@@ -172,8 +172,10 @@ def init(module: ResNet, config: dict, key) -> dict:
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _apply(module, variables, x):
+    # Not jitted here (callers jit): a jitted apply, once traced, is replayed from jit's
+    # cache, and `metrics.penultimate_features` (the study's FID features) would no longer
+    # see the `fc` layer through `nn.intercept_methods`.
     return module.apply(variables, x, train=False)
 
 
