@@ -46,7 +46,7 @@ def merge(run_dirs: list[str], recount_flops: bool = False) -> dict:
 
 
 def _recount_flops(data: dict, s) -> None:
-    """Replaces the runs' FLOP counts by the CPU-lowered ones (`profile.eps_flops`) and
+    """Replaces the runs' FLOP counts by the model's (`profile.eps_flops`) and
     rescales each case's achieved TFLOP/s and fractions of peak accordingly.
 
     Runs made before the suite counted on the CPU took XLA's GPU cost analysis,
@@ -63,7 +63,7 @@ def _recount_flops(data: dict, s) -> None:
     for key, (kind, config) in configs.items():
         eps, res, ch, _ = profile.abstract_eps(kind, config)
         new[key] = {**old.get(key, {}), **profile.eps_flops(eps, res, ch),
-                    "counted_on": "cpu (XLA cost analysis of the CPU-lowered HLO)",
+                    "counted_on": "XLA cost analysis of the unoptimised HLO (profile.eps_flops)",
                     "gpu_cost_analysis": {k: old.get(key, {}).get(k)
                                           for k in ("forward_flops", "grad_flops")}}
     data["_flops"] = new

@@ -3,9 +3,10 @@
 Shared by the CPU suite (`experiments.bench.cases`) and the GPU suite (`experiments.bench.gpu`):
 
 - `eps_flops` / `model_flops`: FLOPs of one U-Net call (forward) and of its input gradient,
-  from XLA's cost analysis of the HLO lowered for the CPU (a multiply-add counts 2 FLOPs;
-  on a GPU, XLA's own cost analysis leaves out the cuDNN convolutions), with abstract
-  weights (``jax.eval_shape`` of the init: no memory, no weights needed).
+  from XLA's cost analysis of the HLO lowered for CUDA, on any machine (a multiply-add
+  counts 2 FLOPs; a GPU's compiled cost analysis leaves out the cuDNN convolutions, and the
+  CPU's program computes a few extra rows), with abstract weights (``jax.eval_shape`` of
+  the init: no memory, no weights needed).
 - `peer_top_ops`: ``torch.profiler`` of the peer's purification loop, the top operators
   by self CPU time and how many operators one step dispatches.
 - `xla_achieved` / `achieved`: achieved FLOP/s of timed cases, and their fractions of
@@ -45,10 +46,12 @@ PAPER_DAYS = 10.0  # the paper's full-gradient CIFAR-10 evaluation, one GPU (PAP
 def eps_flops(eps_fn, resolution: int, channels: int) -> dict:
     """FLOPs per image of one ``eps_fn`` call and of its input gradient (batch 1).
 
-    Counted on the unoptimised HLO lowered for the CPU (``Lowered.cost_analysis``: no
-    compile; within 1% of the compiled CPU count), falling back to the compiled CPU
-    program. Not a GPU's own count: there XLA leaves out the convolutions (cuDNN custom
-    calls), 1.06 instead of 11.66 GFLOPs for the 35.7M U-Net's forward (H100 run 1).
+    The model's FLOPs: XLA's cost analysis of the unoptimised HLO lowered for CUDA (no
+    GPU needed, nothing compiled), where the convolutions are the plain ones. The CPU's
+    own program computes 1/H more rows in its larger convolutions (`layers.conv2d`), and a
+    GPU's compiled cost analysis leaves out the convolutions (cuDNN custom calls: 1.06
+    instead of 11.66 GFLOPs for the 35.7M U-Net's forward, H100 run 1). Falls back to the
+    CPU lowering, then to the compiled CPU program.
 
     Args:
       eps_fn: a `jax.tree_util.Partial` ``eps_fn(x_t, t)``; its leaves may be arrays or
@@ -74,17 +77,19 @@ def eps_flops(eps_fn, resolution: int, channels: int) -> dict:
         return jax.grad(lambda x: jnp.sum(e(x, t)))(x)
 
     def flops(f):
+        cost = None
         with jax.default_device(jax.devices("cpu")[0]):
-            try:
-                lowered = jax.jit(f).trace(abstract, x, t).lower(lowering_platforms=("cpu",))
-            except (AttributeError, TypeError):  # an older JAX: the default device's
-                lowered = jax.jit(f).lower(abstract, x, t)
-            try:
-                cost = lowered.cost_analysis()
-            except Exception:  # noqa: BLE001 - older/newer JAX: use the compiled program's
-                cost = None
-            if not cost or "flops" not in (cost[0] if isinstance(cost, list) else cost):
-                cost = lowered.compile().cost_analysis()
+            for platform in ("cuda", "cpu"):
+                try:
+                    lowered = jax.jit(f).trace(abstract, x, t).lower(
+                        lowering_platforms=(platform,))
+                    cost = lowered.cost_analysis()
+                except Exception:  # noqa: BLE001 - an older/newer JAX: the next way
+                    cost = None
+                if cost and "flops" in (cost[0] if isinstance(cost, list) else cost):
+                    break
+            else:
+                cost = jax.jit(f).lower(abstract, x, t).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float(cost["flops"])
 
@@ -122,36 +127,26 @@ def _cost(fn, *args) -> dict:
             "bytes_accessed": float(cost.get("bytes accessed", float("nan")))}
 
 
-def model_flops(kind: str, config: dict, batch: int = 1) -> dict:
-    """FLOPs per image of one forward call and of one input-gradient call.
+def model_flops(kind: str, config: dict) -> dict:
+    """FLOPs per image of one forward call and of one input-gradient call (`eps_flops`).
 
     Args:
       kind: ``"ddpm_unet"`` or ``"ncsnpp"``.
       config: the model config.
-      batch: the batch the programs are compiled for (FLOPs are divided by it).
 
     Returns:
       ``{"params", "forward_flops", "forward_bytes", "grad_flops"}`` per image; the grad
-      is ``d sum(eps) / d x`` (one forward + one backward, no remat). Counted on the
-      compiled CPU program (`eps_flops` counts the unoptimised one, within 1%).
+      is ``d sum(eps) / d x`` (one forward + one backward, no remat); the bytes are the
+      compiled CPU program's.
     """
     import jax
     import jax.numpy as jnp
 
     eps, res, ch, params = abstract_eps(kind, config)
-    x = jax.ShapeDtypeStruct((batch, res, res, ch), jnp.float32)
-    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-
-    def fwd(e, x, t):
-        return e(x, t)
-
-    def grad(e, x, t):
-        return jax.grad(lambda x: jnp.sum(e(x, t)))(x)
-
-    f = _cost(fwd, eps, x, t)
-    g = _cost(grad, eps, x, t)
-    return {"params": params, "forward_flops": f["flops"] / batch,
-            "forward_bytes": f["bytes_accessed"] / batch, "grad_flops": g["flops"] / batch}
+    x = jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    f = _cost(lambda e, x, t: e(x, t), eps, x, t)
+    return {"params": params, **eps_flops(eps, res, ch), "forward_bytes": f["bytes_accessed"]}
 
 
 def peer_top_ops(ppur, x, noises, top: int = 8) -> dict:

@@ -12,7 +12,7 @@
   backward pass (`peer.saved_tensor_mb`, in process, exact, parameters excluded), and the
   growth of the process's peak RSS (``ru_maxrss``) during one gradient in a fresh
   subprocess (`experiments.bench.memprobe`), which also sees the transient buffers.
-- FLOPs: XLA's ``cost_analysis()`` of one compiled U-Net call.
+- FLOPs: XLA's ``cost_analysis()`` of one U-Net call (`profile.eps_flops`).
 """
 
 from __future__ import annotations
@@ -79,16 +79,10 @@ def compile_jax(fn, *args, static_argnames=()):
 
 
 def unet_flops(eps_fn, batch: int, resolution: int, channels: int) -> float | None:
-    """FLOPs of one U-Net call on `batch` images, from XLA's cost analysis."""
-    import jax
-    import jax.numpy as jnp
+    """FLOPs of one U-Net call on `batch` images (the model's: `profile.eps_flops`)."""
+    from experiments.bench import profile
 
-    x = jnp.zeros((batch, resolution, resolution, channels), jnp.float32)
-    t = jnp.zeros((batch,), jnp.int32)
-    cost = jax.jit(lambda f, x, t: f(x, t)).lower(eps_fn, x, t).compile().cost_analysis()
-    if isinstance(cost, list):  # older JAX returned one dict per device
-        cost = cost[0]
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return batch * profile.eps_flops(eps_fn, resolution, channels)["forward_flops"]
 
 
 def rss_probe(model_dir: str, arrays: dict, *, t_star: int, num_steps: int,
