@@ -54,13 +54,13 @@ class LoadedModel:
     Attributes:
       name: the registry name or the directory's name.
       kind: the model kind (see `diffjax.models.KINDS`).
-      role: "diffusion", "classifier" or "features" (a feature extractor, e.g. FID's
-        InceptionV3).
+      role: "diffusion", "classifier", "features" (a feature extractor, e.g. FID's
+        InceptionV3) or "purifier" (a deterministic purifier, `.purify_fn`).
       config: the architecture config dict.
       params: the variables dict passed to `module.apply` (`{"params": ...}`, plus
         `"batch_stats"` for BatchNorm models).
       module: the Flax module.
-      fn: `eps_fn`, `logits_fn` or `features_fn` (see the properties below).
+      fn: `eps_fn`, `logits_fn`, `features_fn` or `purify_fn` (the properties below).
       meta: everything else from model.json (source, command, numbers, schedule).
       path: the directory it was loaded from.
     """
@@ -78,7 +78,7 @@ class LoadedModel:
     def _fn_of(self, role: str, name: str) -> Callable:
         if self.role != role:
             have = {"diffusion": "eps_fn", "classifier": "logits_fn",
-                    "features": "features_fn"}.get(self.role, "fn")
+                    "features": "features_fn", "purifier": "purify_fn"}.get(self.role, "fn")
             raise AttributeError(f"{self.name!r} is a {self.role} model; it has .{have}, "
                                  f"not .{name}")
         return self.fn
@@ -92,6 +92,11 @@ class LoadedModel:
     def logits_fn(self) -> Callable:
         """`logits_fn(x)`: x NHWC in [0, 1] -> logits [B, num_classes]."""
         return self._fn_of("classifier", "logits_fn")
+
+    @property
+    def purify_fn(self) -> Callable:
+        """`purify_fn(x, keys)`: x NHWC in [0, 1], keys [B] -> purified [0, 1] images."""
+        return self._fn_of("purifier", "purify_fn")
 
     @property
     def features_fn(self) -> Callable:

@@ -55,6 +55,7 @@ _KIND_MODULES = {
     "guided_unet": "diffjax.models.guided",
     "resnet50": "diffjax.models.resnet",
     "fid_inception": "diffjax.models.fid_inception",
+    "purifier_net": "diffjax.models.purifier",
 }
 KINDS = tuple(_KIND_MODULES)
 
