@@ -147,7 +147,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # Standard, converted with experiments.convert_checkpoint into these directories;
         # t* = 100 with all 100 reverse steps, full-gradient PGD-200 EOT-20, l_inf 8/255,
         # step 0.007, on the first 512 test images. Days of GPU time at these sizes: run
-        # it on an accelerator (README: scale-out).
+        # it on an accelerator (README: scale-out). Check and time it first on any machine
+        # with --config.synthetic_data=True, small checkpoints and small sizes
+        # (tests/test_paper_configs.py; experiments.project_cost projects the whole run).
         c.dataset = "cifar10"
         c.diffusion = "~/.cache/diffjax/checkpoints/ddpmpp_cifar10"
         c.classifier = "~/.cache/diffjax/checkpoints/wrn_28_10_standard"
@@ -172,12 +174,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.audit.num_examples = 64
         c.audit.step_multipliers = "1,2"
         c.audit.eps = "0.0627,0.125"  # 16/255, 32/255
-        c.audit.square_queries = 1000
+        # Square's budget follows the attack's: 1,000 queries against PGD-200 (a query is
+        # one purification; PGD-200 EOT-20 costs ~12,000 per example), 10 for a 2-step
+        # check run. A lazy reference: --config.attack.steps=N gives 5N.
+        c.audit.square_queries = c.attack.get_ref("steps") * 5
         c.fid_reference_examples = 10000
     elif arg == "imagenet":
         # The paper's ImageNet setting: guided-diffusion 256x256 unconditional + ResNet-50,
         # t* = 150, BPDA-EOT l_inf 4/255 (full gradients through 150 steps at 256x256 were
         # out of the paper's budget too); 224 for the classifier, 256 for the purifier.
+        # Jacobians matrix-free only (d = 150,528): Hutchinson rate, top-k Lanczos spectrum.
         c.dataset = "imagenet2012"
         c.diffusion = "~/.cache/diffjax/checkpoints/guided_256_uncond"
         c.classifier = "~/.cache/diffjax/checkpoints/resnet50"
@@ -204,7 +210,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.audit.num_examples = 16
         c.audit.step_multipliers = "1,2"
         c.audit.eps = "0.0314"  # 8/255
-        c.audit.square_queries = 1000
+        c.audit.square_queries = c.attack.get_ref("steps") * 10  # 1,000 at PGD-100
         c.fid_reference_examples = 5000
     elif arg:
         raise ValueError(f"config: unknown variant {arg!r}; use '', 'quick', 'cifar10' or "
