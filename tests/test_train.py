@@ -196,7 +196,7 @@ _DP_SCRIPT = textwrap.dedent("""
 
 def test_data_parallel_matches_one_device():
     env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     res = subprocess.run([sys.executable, "-c", _DP_SCRIPT], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]

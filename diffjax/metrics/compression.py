@@ -171,13 +171,21 @@ def _call_jitted(core: Callable, f, *args, **static_kwargs):
     """Runs `core(f, *args, **static_kwargs)` under a `jit` cached per function."""
     dynamic, static = _split_fn(f)
     if static is None:  # an unhashable callable: compile a closure for this call
-        return jax.jit(functools.partial(core, f, **static_kwargs))(*args)
+        return jax.jit(functools.partial(core, f, **static_kwargs),
+                       compiler_options=COMPILER_OPTIONS)(*args)
     return _jitted_core(core, dynamic, static, *args, **static_kwargs)
+
+
+# XLA's constant folding spends minutes on these programs (vmapped products through a
+# purifier's scan): the Hutchinson rate of a 2-step DDPM++ purifier on 32x32x3 compiled in
+# 409 s with it and 42 s without (same run time, 0.35-0.40 s). Every Jacobian program of
+# diffjax is compiled without it.
+COMPILER_OPTIONS = {"xla_disable_hlo_passes": "constant_folding"}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=(
     "method", "estimator", "ad_mode", "num_samples", "num_probes", "chunk_size",
-    "clip_to_unit", "reduction", "k", "num_iterations"))
+    "clip_to_unit", "reduction", "k", "num_iterations"), compiler_options=COMPILER_OPTIONS)
 def _jitted_core(core, dynamic, static, *args, **static_kwargs):
     return core(_merge_fn(dynamic, static), *args, **static_kwargs)
 

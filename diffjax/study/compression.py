@@ -41,7 +41,8 @@ _BOOT_SALT = 0x0C0A_0002
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "spectrum", "top_k", "num_probes",
-                                             "chunk_size", "ad_mode"))
+                                             "chunk_size", "ad_mode"),
+                   compiler_options=metrics.compression.COMPILER_OPTIONS)
 def _measure(purify_fn, x, key_data, *, estimator, spectrum, top_k, num_probes, chunk_size,
              ad_mode):
     from diffjax import protocols
@@ -63,15 +64,20 @@ def _measure(purify_fn, x, key_data, *, estimator, spectrum, top_k, num_probes, 
     return out
 
 
-def compression_point(study: Study, method: str, t_star: int) -> dict:
-    """One point of the sweep (module docstring)."""
+def compression_point(study: Study, method: str, t_star: int,
+                      num_attack_examples: int | None = None,
+                      num_rate_examples: int | None = None) -> dict:
+    """One point of the sweep (module docstring); `num_attack_examples` (default the
+    config's, and every example at the main t*) overrides the attack part's examples,
+    `num_rate_examples` the Jacobians' (a part of its own name when not the config's)."""
     cfg = study.config
     c = cfg.compression
     main = t_star == int(cfg.purifier.t_star)
+    k = int(c.num_examples if num_rate_examples is None else num_rate_examples)
 
     def compute():
         d = study.defense(method, t_star)
-        rows = study.rows(int(c.num_examples))
+        rows = study.rows(k)
         got = study.map_batches(functools.partial(
             _measure, d.purify_fn, estimator=c.estimator, spectrum=c.spectrum,
             top_k=int(c.top_k), num_probes=int(c.num_probes), chunk_size=int(c.chunk_size),
@@ -92,8 +98,10 @@ def compression_point(study: Study, method: str, t_star: int) -> dict:
             out["top_singular_values"] = np.mean(got["sv"][:, :8], axis=0).tolist()
         return out
 
-    jac = study.workdir.part(f"compression_{method}_t{t_star}", compute)
+    jac = study.workdir.part(f"compression_{method}_t{t_star}"
+                             + (f"_r{k}" if k != int(c.num_examples) else ""), compute)
     n = None if main else int(c.num_attack_examples)
+    n = n if num_attack_examples is None else int(num_attack_examples)
     part = robustness.attack_part(study, method, t_star, "realization", n)
     steps = min(int(cfg.purifier.num_steps), t_star)
     return {"method": method, "t_star": int(t_star), "num_steps": steps, **jac,
@@ -165,8 +173,11 @@ def _refit_r2(x, y, *, start: dict, lower: float) -> float:
 
     with warnings.catch_warnings():  # a failed resample is counted by bootstrap_ci
         warnings.simplefilter("ignore")
-        popt, _ = scipy.optimize.curve_fit(model, x, y, p0=[start[k] for k in free],
-                                           maxfev=400)
+        try:
+            popt, _ = scipy.optimize.curve_fit(model, x, y, p0=[start[k] for k in free],
+                                               maxfev=400)
+        except RuntimeError:  # no convergence on this resample (NaN: counted as failed)
+            return np.nan
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     return 1.0 - float(np.sum((y - model(x, *popt)) ** 2)) / ss_tot if ss_tot > 0 else np.nan
 
