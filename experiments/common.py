@@ -79,15 +79,15 @@ def parse_flags(argv):
     return rest
 
 
-def define_study_flags():
-    """--config (the study's config file; default the embedded default), --workdir,
-    --distributed, --jax_cache: the flags every study script shares. Returns the holders."""
+def define_study_flags(config_file: str = "experiments/configs/reproduce.py"):
+    """--config (the study's config file; default `config_file`, the embedded default),
+    --workdir, --distributed, --jax_cache: the flags every study script shares. Returns
+    the holders."""
     from ml_collections import config_flags
 
     try:  # with a default config file, overrides like --config.attack.steps apply at import
         config = config_flags.DEFINE_config_file(
-            "config", "experiments/configs/reproduce.py",
-            "Study config file (:quick, :cifar10, :imagenet variants).")
+            "config", config_file, "Study config file (variants after a colon, e.g. :quick).")
     except (AttributeError, KeyError, ValueError, TypeError) as e:
         exit_with_flag_error(e, sys.argv)
     workdir = flags.DEFINE_string("workdir", None, "Directory for results, local or gs://...; "

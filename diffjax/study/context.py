@@ -24,9 +24,27 @@ from diffjax.attacks.cascade import ATTACK_NAMES, Cascade
 from diffjax.defense import Defense, undefended
 from diffjax.study.workdir import Workdir
 
-__all__ = ["Study", "as_list", "methods_of", "validate_config", "UNDEFENDED"]
+__all__ = ["Study", "as_list", "methods_of", "validate_config", "is_designed_purifier",
+           "UNDEFENDED"]
 
 UNDEFENDED = "none"  # the undefended classifier, where a method name is expected
+
+
+def is_designed_purifier(method: str) -> bool:
+    """True when `method` names a deterministic purifier checkpoint (role "purifier", a
+    shipped name such as "digits_purifier" or a model directory) rather than a diffusion
+    method: `Study.defense` then attacks that purifier, with t* ignored."""
+    if method == UNDEFENDED or method in diffusion.METHODS:
+        return False
+    try:
+        return pretrained.verify(method).get("role") == "purifier"
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _check_method(method: str, field: str) -> None:
+    if not is_designed_purifier(method):
+        _checks.check_choice(method, field, diffusion.METHODS)
 
 
 def as_list(value, cast=str) -> list:
@@ -67,7 +85,7 @@ def validate_config(config) -> None:
     if not methods:
         _checks.fail("config.methods", "at least one purifier method", config.methods)
     for m in methods:
-        _checks.check_choice(m, "config.methods", diffusion.METHODS)
+        _check_method(m, "config.methods")
     for m in as_list(config.compression.methods):
         _checks.check_choice(m, "config.compression.methods", diffusion.METHODS)
     _check_attack(config.attack, "config.attack")
@@ -101,7 +119,7 @@ def validate_config(config) -> None:
     _checks.check_int(config.eval_draws, "config.eval_draws", lo=1)
     _checks.check_int(config.fid_reference_examples, "config.fid_reference_examples", lo=2)
     for m in as_list(config.audit.methods):
-        _checks.check_choice(m, "config.audit.methods", diffusion.METHODS)
+        _check_method(m, "config.audit.methods")
 
 
 @dataclasses.dataclass
@@ -136,15 +154,21 @@ class Study:
         self.batch_size = int(cfg.batch_size)
         self.local_batch = parallel.local_batch_size(self.batch_size)
         self.plain = undefended(self.classifier.logits_fn)
+        self._purifiers: dict = {}  # designed purifiers' purify_fn, loaded once
 
     # -- models and attacks --------------------------------------------------------------
 
     def defense(self, method: str, t_star: int | None = None,
                 clip_gradient: str | None = None) -> Defense:
         """The defended model of `method` at `t_star` (default the config's), the
-        undefended classifier for `UNDEFENDED`."""
+        undefended classifier for `UNDEFENDED`, a designed purifier's own (t* and
+        `clip_gradient` ignored: `is_designed_purifier`)."""
         if method == UNDEFENDED:
             return self.plain
+        if is_designed_purifier(method):
+            if method not in self._purifiers:
+                self._purifiers[method] = _load(method, "purifier", "method").purify_fn
+            return Defense(self._purifiers[method], self.classifier.logits_fn)
         p = self.config.purifier
         t_star = int(t_star or p.t_star)
         steps = min(int(p.num_steps), t_star)

@@ -10,7 +10,13 @@ must exist, it is the frozen anchor):
 Quick smoke run (about a minute, mostly compilation):
 ``--config=experiments/configs/digits_purifier.py:quick``.
 
-Expected result: RESULT_PLACEHOLDER
+Expected result (the shipped weights; `diffjax/assets/digits_purifier/model.json`, meta.metrics),
+on the 297 digits test images against the frozen `digits_classifier`: clean accuracy 98.65%;
+full-gradient robust accuracy at l_inf eps 0.1 of 88.55% for the worst of PGD-50 (88.55%),
+APGD-CE-50 (88.89%) and APGD-DLR-50 (89.23%); compression rate (RMS Jacobian singular value
+at clean test images) 0.0386, largest singular value 0.174; 1,000 steps took 1,017 s on the
+2-core CPU. `python -m experiments.beyond` evaluates it like the diffusion purifiers of the
+study (the study's attack, a masking audit, the goal of issue 15).
 
 Choices (the paper's open question 1: maximise compression, keep the anchor accurate, no
 randomness): `purifier.digits_purifier_config()` (conv encoder, 64-dim dense bottleneck,
