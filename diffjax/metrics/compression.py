@@ -169,6 +169,10 @@ def _merge_fn(dynamic, static):
 
 def _call_jitted(core: Callable, f, *args, **static_kwargs):
     """Runs `core(f, *args, **static_kwargs)` under a `jit` cached per function."""
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+        # Inside another jit (e.g. the study's `_measure`, which carries the same options):
+        # that program compiles this one; a nested jit may not take compiler_options.
+        return core(f, *args, **static_kwargs)
     dynamic, static = _split_fn(f)
     if static is None:  # an unhashable callable: compile a closure for this call
         return jax.jit(functools.partial(core, f, **static_kwargs),
