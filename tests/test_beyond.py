@@ -97,6 +97,7 @@ def test_schema_ranges_report_and_figures(ran):
         assert _interval(r["robust"], r["ci"]) and r["n"] == 8
     worst = dp["audit"]["worst_case"]["estimate"]
     assert worst <= min(r["robust"] for r in rows[:4]) + 1e-12
+    assert dp["robust_accuracy_worst_case"] <= dp["robust_accuracy_fixed"]
     assert set(pr) >= {"mae", "r2", "points", "logistic"}
     assert len(pr["points"]) == pr["n"] == len(res["sweep"]) >= 2
     assert 0.0 <= pr["mae"] <= 1.0 and (pr["r2"] is None or pr["r2"] <= 1.0)
