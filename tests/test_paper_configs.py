@@ -7,14 +7,15 @@ score_sde_pytorch DDPM++ and RobustBench WRN from `../shared/reference/`; guided
 at 32x32 and a torchvision-layout ResNet for ImageNet). Every part runs (the audit
 included); the overrides are the issue's command's plus what keeps a test to compile time
 (2 reverse steps, 2 purifier methods, a one-method sweep, 2 probes / 2 singular values).
-Then: results.json (schema, intervals, the matrix-free Jacobian estimates, per-part
-costs), report.md and the three figures; a run stopped by the test hook
-(`debug.fail_after_batches`) resumes to the same numbers; `experiments.project_cost`
-reads the run's costs.
+The job is first stopped by its test hook (`debug.fail_after_batches`), then the same
+command resumes it from the saved parts to the end. Then: results.json (schema, intervals,
+the matrix-free Jacobian estimates, per-part costs), report.md and the three figures;
+`experiments.project_cost` reads the run's costs.
 
-Cost: XLA compiling each config's ~12 purifier programs, once: the main job fills the
-suite's persistent compilation cache, and the stopped and resumed runs (in this process,
-no second interpreter start) load its programs from there.
+Cost: XLA compiling each config's ~12 purifier programs (the stopped run fills the
+suite's persistent compilation cache, the resumed run loads its programs from there) and
+the matrix-free Jacobian estimates, in the suite's unoptimised XLA (about 4 minutes per
+config on 2 cores).
 """
 
 import json
@@ -36,65 +37,30 @@ ISSUE = {"synthetic_data": True, "num_examples": 4, "batch_size": 4, "eval_draws
          "compression.num_attack_examples": 4, "fid_reference_examples": 64}
 # What keeps the test to compile time (the programs are those of the command above).
 TEST = {"purifier.num_steps": 2, "methods": "ddpm,ddim", "compression.methods": "ddpm",
-        "compression.num_probes": 2, "compression.top_k": 2, "attack_undefended.steps": 4,
+        "compression.num_probes": 2, "compression.top_k": 2,
+        "compression.lanczos_iterations": 3, "attack_undefended.steps": 4,
         "attack_undefended.targets": 2, "audit.eps": "0.125"}
-NUMBER_KEYS = ("clean_accuracy", "distances", "robust_accuracy", "gradient_correlation",
-               "compression", "sigmoid_fit", "randomness_correlation", "fid", "audit")
-
-
-def flat_numbers(tree, prefix="") -> dict:
-    """{"a/b/0": number} for every number of a nested dict/list (NaN as None)."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items()
-                for k, v in flat_numbers(sub, f"{prefix}{key}/").items()}
-    if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree)
-                for k, v in flat_numbers(sub, f"{prefix}{i}/").items()}
-    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        return {prefix.rstrip("/"): None if isinstance(tree, float) and math.isnan(tree)
-                else tree}
-    return {}
-
-
-def config_of(variant, overrides):
-    from experiments.configs import reproduce
-
-    c = reproduce.get_config(variant)
-    for k, v in overrides.items():
-        *path, last = k.split(".")
-        obj = c
-        for p in path:
-            obj = obj[p]
-        obj[last] = v
-    return c
-
-
-def quiet(_msg):
-    pass
 
 
 def run_paper_config(tmp, variant, diffusion, classifier, t_stars, fail_after):
-    """The whole study through the main job (python -m experiments.reproduce); then, in
-    this process (the programs from the persistent compilation cache the job filled), a
-    run stopped by the test hook after `fail_after` saved pieces, and its resumption."""
-    from diffjax.study import Interrupted, Workdir, run_study
-
+    """The whole study through the main job (python -m experiments.reproduce), killed by
+    the test hook after `fail_after` saved pieces, then the same command again: it
+    resumes from the saved parts and finishes. (That an interrupted run resumes to the
+    numbers of an uninterrupted one is tests/test_study.py's, on the tiny U-Net: here each
+    config's programs compile once per process, so the config runs once.)"""
     over = {**ISSUE, **TEST, "compression.t_stars": t_stars, "diffusion": str(diffusion),
             "classifier": str(classifier)}
-    full = run_module(
-        "reproduce", f"--workdir={tmp / 'run'}",
-        f"--config=experiments/configs/reproduce.py:{variant}",
-        *(f"--config.{k}={v}" for k, v in over.items()),
-        f"--jax_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}", timeout=900)
-    with pytest.raises(Interrupted):
-        run_study(config_of(variant, over),
-                  Workdir(tmp / "resumed", fail_after_batches=fail_after, log=quiet), log=quiet)
-    stopped = sorted(p.stem for p in (tmp / "resumed" / "parts").glob("*.npz"))
-    resumed = run_study(config_of(variant, over), Workdir(tmp / "resumed", log=quiet),
-                        log=quiet)
-    return {"path": tmp / "run", "stdout": full.stdout, "stopped_parts": stopped,
-            "results": json.loads((tmp / "run" / "results.json").read_text()),
-            "resumed": resumed}
+    cmd = ("reproduce", f"--workdir={tmp / 'run'}",
+           f"--config=experiments/configs/reproduce.py:{variant}",
+           *(f"--config.{k}={v}" for k, v in over.items()),
+           f"--jax_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}")
+    stopped = run_module(*cmd, f"--config.debug.fail_after_batches={fail_after}",
+                         check=False, timeout=1800)
+    saved = sorted(p.stem for p in (tmp / "run" / "parts").glob("*.npz"))
+    full = run_module(*cmd, timeout=1800)
+    return {"path": tmp / "run", "stdout": full.stdout, "stopped": stopped,
+            "stopped_parts": saved,
+            "results": json.loads((tmp / "run" / "results.json").read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +119,8 @@ def check_results(run, *, dataset, shape, d_in, square_queries, methods=("ddpm",
     assert list(out["claims"]) == ["claim1", "claim2", "claim3", "claim4"]
     # Every part computed once, with its cost; the report's cost table lists them.
     costs = out["costs"]
-    assert set(costs["parts"]) == set(out["parts"]["computed"])
+    # Every part has its cost, those finished before the interruption included.
+    assert set(costs["parts"]) == set(out["parts"]["computed"]) | set(out["parts"]["loaded"])
     for c in costs["parts"].values():
         assert c["wall_s"] >= c["compile_s"] >= 0 and c["run_s"] >= 0
     total = sum(c["wall_s"] for c in costs["parts"].values())
@@ -169,12 +136,16 @@ def check_results(run, *, dataset, shape, d_in, square_queries, methods=("ddpm",
 
 
 def check_resumed(run):
-    resumed = run["resumed"]
-    assert run["stopped_parts"]  # the stopped run had finished some parts
-    assert set(resumed["parts"]["loaded"]) >= set(run["stopped_parts"])
-    a = flat_numbers({k: run["results"][k] for k in NUMBER_KEYS})
-    b = flat_numbers({k: resumed[k] for k in NUMBER_KEYS})
-    assert a == b
+    """The interrupted run stopped with the hook's message, having saved some parts; the
+    rerun loaded every one of them and computed only the rest."""
+    stopped = run["stopped"]
+    assert stopped.returncode != 0 and "test hook: stopped after" in stopped.stderr
+    assert run["stopped_parts"]
+    parts = run["results"]["parts"]
+    assert set(parts["loaded"]) >= set(run["stopped_parts"])
+    assert not set(parts["computed"]) & set(run["stopped_parts"])
+    for name in run["stopped_parts"]:
+        assert f"[{name}] loaded from" in run["stdout"]
 
 
 def test_cifar10_config_end_to_end(cifar10):
@@ -184,7 +155,7 @@ def test_cifar10_config_end_to_end(cifar10):
     assert cfg["purifier"]["remat"] and cfg["attack"]["gradient"] == "full"
 
 
-def test_cifar10_config_resumes_to_the_same_numbers(cifar10):
+def test_cifar10_config_resumes_after_an_interruption(cifar10):
     check_resumed(cifar10)
 
 
@@ -199,7 +170,7 @@ def test_imagenet_config_end_to_end(imagenet):
     assert out["clean_accuracy"]["undefended"] == 1.0  # the fitted last layer
 
 
-def test_imagenet_config_resumes_to_the_same_numbers(imagenet):
+def test_imagenet_config_resumes_after_an_interruption(imagenet):
     check_resumed(imagenet)
 
 

@@ -41,10 +41,10 @@ _BOOT_SALT = 0x0C0A_0002
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "spectrum", "top_k", "num_probes",
-                                             "chunk_size", "ad_mode"),
+                                             "chunk_size", "ad_mode", "lanczos_iterations"),
                    compiler_options=metrics.compression.COMPILER_OPTIONS)
 def _measure(purify_fn, x, key_data, *, estimator, spectrum, top_k, num_probes, chunk_size,
-             ad_mode):
+             ad_mode, lanczos_iterations=None):
     from diffjax import protocols
 
     keys = jax.random.wrap_key_data(key_data)
@@ -60,6 +60,7 @@ def _measure(purify_fn, x, key_data, *, estimator, spectrum, top_k, num_probes, 
                                                      chunk_size=chunk_size, ad_mode=ad_mode)
     elif spectrum == "top_k":
         out["sv"] = metrics.jacobian_top_singular_values(purify_fn, x, top_k, keys=real,
+                                                         num_iterations=lanczos_iterations,
                                                          key=probe)
     return out
 
@@ -81,6 +82,7 @@ def compression_point(study: Study, method: str, t_star: int,
         got = study.map_batches(functools.partial(
             _measure, d.purify_fn, estimator=c.estimator, spectrum=c.spectrum,
             top_k=int(c.top_k), num_probes=int(c.num_probes), chunk_size=int(c.chunk_size),
+            lanczos_iterations=int(c.get("lanczos_iterations") or 0) or None,
             ad_mode=c.ad_mode), study.x[rows], study.keys[rows])
         got = study.gather(got)
         rates = got["rate"]

@@ -114,6 +114,9 @@ def validate_config(config) -> None:
     _checks.check_choice(c.ad_mode, "config.compression.ad_mode", ("forward", "reverse"))
     _checks.check_int(c.num_probes, "config.compression.num_probes", lo=2)
     _checks.check_int(c.top_k, "config.compression.top_k", lo=1)
+    if c.get("lanczos_iterations"):
+        _checks.check_int(c.lanczos_iterations, "config.compression.lanczos_iterations",
+                          lo=int(c.top_k))
     _checks.check_number(c.min_clean_fraction, "config.compression.min_clean_fraction",
                          lo=0.0, hi=1.0)
     _checks.check_int(config.eval_draws, "config.eval_draws", lo=1)

@@ -74,14 +74,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.purifier = ml_collections.ConfigDict()
     c.purifier.t_star = 100
-    c.purifier.num_steps = 10
+    c.purifier.num_steps = 5
     c.purifier.resolution = 0  # 0: the diffusion model's own image size
     c.purifier.remat = False  # 10 steps of a 0.28M U-Net on 8x8: the activations are small
     c.purifier.clip_gradient = "hard"
 
     # The purified models' attack; the undefended classifier (cheap) gets AutoAttack's.
-    c.attack = _attack("apgd-ce,apgd-t", 10, targets=3, chunk=5)
-    c.attack_undefended = _attack("apgd-ce,apgd-t", 100, targets=9, chunk=25)
+    c.attack = _attack("apgd-ce,apgd-t", 10, targets=1, chunk=5)
+    c.attack.eot = 2
+    c.attack_undefended = _attack("apgd-ce,apgd-t", 100, targets=3, chunk=25)
 
     c.correlation = ml_collections.ConfigDict()
     c.correlation.eot = 16
@@ -93,21 +94,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.compression = ml_collections.ConfigDict()
     c.compression.methods = "ddpm,reverse_only,ddim"
-    c.compression.t_stars = "2,5,10,30,100,200,400"
+    c.compression.t_stars = "5,30,100,200,400"
     c.compression.num_examples = 16
-    c.compression.num_attack_examples = 100
+    c.compression.num_attack_examples = 48
     c.compression.min_clean_fraction = 0.9  # fit only points that keep the content
     c.compression.estimator = "auto"  # exact below 1024 input dims, else Hutchinson
     c.compression.num_probes = 64
     c.compression.spectrum = "exact"  # "exact", "top_k" (Lanczos) or "none"
     c.compression.top_k = 32
+    c.compression.lanczos_iterations = 0  # 0: max(2 top_k, top_k + 20); raise if unconverged
     c.compression.chunk_size = 64
     c.compression.ad_mode = "reverse"  # vjps: ~15x faster than jvps through the U-Net on CPU
 
     c.audit = ml_collections.ConfigDict()
     c.audit.enabled = True
     c.audit.methods = "ddpm"
-    c.audit.num_examples = 50
+    c.audit.num_examples = 32
     c.audit.step_multipliers = "1,10"  # the study's steps x these, fixed and independent
     c.audit.eps = "0.2,0.4"  # a larger budget must drive the accuracy towards 0
     c.audit.square_queries = 300
