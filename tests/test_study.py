@@ -135,6 +135,19 @@ def test_rerun_loads_every_part(tiny):
     assert numbers(again) == numbers(res)
 
 
+def test_a_workdir_refuses_parts_of_another_setting(tiny):
+    # The part names carry method, t*, stream and size, not the purifier's or the attack's
+    # settings: a rerun with other settings in the same workdir must not load the parts.
+    ddpm, path, _, _ = tiny
+    other = tiny_study_config(ddpm)
+    other.purifier.num_steps = 3
+    other.attack.steps = 5
+    with pytest.raises(ValueError, match=r"another setting \(attack.steps: 2 -> 5; "
+                                         r"purifier.num_steps: 2 -> 3\).*new --workdir"):
+        Study(other, Workdir(path, log=quiet), log=quiet)
+    Study(tiny_study_config(ddpm), Workdir(path, log=quiet), log=quiet)  # same: accepted
+
+
 def test_interrupted_run_resumes_to_the_same_results(tiny, tmp_path):
     ddpm, _, res, _ = tiny
     with pytest.raises(Interrupted):

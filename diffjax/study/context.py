@@ -13,6 +13,7 @@ order. The measurements live in the modules named after the claims they serve
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 
 import jax
@@ -157,6 +158,34 @@ class Study:
         self.batch_size = int(cfg.batch_size)
         self.local_batch = parallel.local_batch_size(self.batch_size)
         self.plain = undefended(self.classifier.logits_fn)
+        self._check_workdir_config()
+
+    # The config fields every saved part depends on. Part names carry the method, t*,
+    # stream and example count, not these: a work directory holds one setting of them.
+    PART_FIELDS = ("dataset", "split", "synthetic_data", "diffusion", "classifier", "seed",
+                   "num_examples", "eval_draws", "purifier", "attack", "attack_undefended")
+
+    def _check_workdir_config(self) -> None:
+        """Records PART_FIELDS in the work directory on first use; later runs must match
+        them (else their parts would be loaded under another setting)."""
+        cfg = self.config
+        now = {k: (cfg[k].to_dict() if hasattr(cfg[k], "to_dict") else cfg[k])
+               for k in self.PART_FIELDS if k in cfg}
+        now = json.loads(json.dumps(now, default=str))
+        path = self.workdir.path / "parts" / "_study_config.json"
+        old = self.workdir.read_agreed(path)
+        if old is None:
+            self.workdir.write(path, json.dumps(now, indent=2, sort_keys=True).encode())
+            return
+        old = json.loads(old)
+        diff = sorted(_differences(old, now))
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:6])
+            raise ValueError(
+                f"workdir: {self.workdir.path} holds parts computed under another setting "
+                f"({shown}{'; ...' if len(diff) > 6 else ''}); its parts would be reused "
+                "as if they were this setting's. Use a new --workdir, or delete "
+                f"{self.workdir.path / 'parts'} to recompute everything")
         self._purifiers: dict = {}  # designed purifiers' purify_fn, loaded once
 
     # -- models and attacks --------------------------------------------------------------
@@ -248,6 +277,15 @@ class Study:
     def gather(self, tree: dict) -> dict:
         """Every process's rows of each array, in example-id order (on every process)."""
         return {k: parallel.gather_rows(v) for k, v in tree.items()}
+
+
+def _differences(old, new, prefix=""):
+    """(dotted key, old, new) for every leaf that differs between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
 
 
 def _load(name: str, role: str, field: str):
