@@ -158,6 +158,7 @@ class Study:
         self.batch_size = int(cfg.batch_size)
         self.local_batch = parallel.local_batch_size(self.batch_size)
         self.plain = undefended(self.classifier.logits_fn)
+        self._purifiers: dict = {}  # designed purifiers' purify_fn, loaded once
         self._check_workdir_config()
 
     # The config fields every saved part depends on. Part names carry the method, t*,
@@ -186,7 +187,6 @@ class Study:
                 f"({shown}{'; ...' if len(diff) > 6 else ''}); its parts would be reused "
                 "as if they were this setting's. Use a new --workdir, or delete "
                 f"{self.workdir.path / 'parts'} to recompute everything")
-        self._purifiers: dict = {}  # designed purifiers' purify_fn, loaded once
 
     # -- models and attacks --------------------------------------------------------------
 
