@@ -43,11 +43,19 @@ softmax whose max and sum are single variadic reductions (XLA's own reduction em
 YNNPACK took the one-operand reductions at 1.5 ms for a 4 x 256 x 256 max). The
 attention core (batch 4, 256 positions, 64 channels) went from 1.74 / 3.83 ms (forward /
 input-gradient) to 0.87 / 2.07 ms; PyTorch's fused CPU attention takes 0.70 / 2.07.
+
+`GroupNorm` is `flax.linen.GroupNorm`'s function (fast variance, float32 statistics) with
+the same parameters, its statistics taken as per-channel sums over the positions first and
+then per group, and the normalisation applied with per-channel factors: flax reshapes to
+a five-dimensional ``[B, H, W, G, C/G]`` layout, whose reductions and broadcasts ran as
+slow loops (GroupNorm + SiLU at 4 x 32 x 32 x 32: 0.60 ms against 0.26 ms, alone; the
+32x32 U-Net's purification about 10% faster with it and device-resident weights).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -55,7 +63,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Conv", "conv2d", "attention", "softmax"]
+__all__ = ["Conv", "conv2d", "attention", "softmax", "GroupNorm", "group_norm"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _DN_SWAPPED = ("NHWC", "HWOI", "NHWC")
@@ -251,3 +259,63 @@ def attention(q, k, v, num_heads: int = 1):
     w = softmax(w.astype(jnp.float32)).astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", w, vh)
     return out.transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+# ------------------------------------------------------------------------------ group norm
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float):
+    """`flax.linen.GroupNorm`'s function (fast variance, float32 statistics), with the
+    statistics taken per channel first (module doc).
+
+    Args:
+      x: `[B, ..., C]`, the channels last.
+      scale, bias: `[C]`.
+      num_groups: groups of ``C / num_groups`` consecutive channels.
+      epsilon: added to the variance.
+
+    Returns:
+      ``(x - mean_g) * rsqrt(var_g + epsilon) * scale + bias`` in the dtype `flax.linen.GroupNorm`
+      returns (the promotion of `x`'s and the parameters' dtypes).
+    """
+    b, c = x.shape[0], x.shape[-1]
+    g = num_groups
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // g)
+    # Per-channel sums over the positions ([B, C]: plain reductions over the leading axes,
+    # no five-dimensional group layout), then the few per-group sums.
+    s1 = jnp.sum(xf, axes).reshape(b, g, c // g).sum(-1)
+    s2 = jnp.sum(xf * xf, axes).reshape(b, g, c // g).sum(-1)
+    mean = s1 / n
+    var = jnp.maximum(0.0, s2 / n - mean * mean)
+    inv = lax.rsqrt(var + epsilon)
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    mean_c = jnp.repeat(mean, c // g, axis=1).reshape(shape)
+    mul_c = (jnp.repeat(inv, c // g, axis=1) * scale).reshape(shape)
+    y = (xf - mean_c) * mul_c + bias
+    return y.astype(jnp.result_type(x.dtype, scale.dtype, bias.dtype))
+
+
+class GroupNorm(nn.Module):
+    """A drop-in for `flax.linen.GroupNorm` (parameters ``scale`` and ``bias``, `[C]`) with
+    its defaults (fast variance, float32 statistics, scale and bias), faster on the CPU.
+
+    Attributes:
+      num_groups: groups of consecutive channels.
+      epsilon: added to the variance.
+      param_dtype: the parameters' dtype.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels")
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon)

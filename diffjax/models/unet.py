@@ -38,6 +38,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax import _checks
 from diffjax.models import ModelSpec, layers
@@ -172,9 +173,10 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def _norm(num_groups: int, name: str) -> nn.GroupNorm:
+def _norm(num_groups: int, name: str) -> layers.GroupNorm:
     # epsilon 1e-6: tf.contrib.layers.group_norm's, as pytorch_diffusion and diffusers use.
-    return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, name=name)
+    # `layers.GroupNorm`: flax.linen.GroupNorm's function and parameters, faster on the CPU.
+    return layers.GroupNorm(num_groups=num_groups, epsilon=1e-6, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -375,9 +377,14 @@ def make_fn(module: UNet, config: dict, variables: dict):
       A `jax.tree_util.Partial` ``eps_fn(x_t, t) -> eps``: x_t `[B, H, W, C]` in [-1, 1],
       t int32 `[B]` timestep indices (fed to the embedding as float32, as in Ho et al.),
       eps `[B, H, W, C]` float32. Two calls for equal configs give equal treedefs, so
-      `jit` compiles once per architecture and traces the weights as arguments.
+      `jit` compiles once per architecture and traces the weights as arguments. NumPy
+      weights (the converters' output) are put on the device here, once: left as NumPy
+      arrays, every call of a compiled program copied them again (17 ms per call for the
+      2.2M-parameter 32x32 benchmark U-Net, a third of its arrays transposed on the host).
     """
     del config
+    variables = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a, variables)
     return jax.tree_util.Partial(_EpsApply(module), variables)
 
 
