@@ -167,7 +167,7 @@ def test_group_norm_matches_flax_group_norm(shape, groups, dtype):
     loss = lambda m: lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * cot)
     g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
     g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     # Forward mode and a second derivative go through the same formula.
     t = jax.random.normal(jax.random.key(5), shape)
