@@ -96,12 +96,34 @@ def tiny_study_config(diffusion, **overrides):
     c.audit.square_queries = 3
     c.fid_reference_examples = 64
     for k, v in overrides.items():
-        obj = c
-        *path, last = k.split(".")
-        for p in path:
-            obj = obj[p]
-        obj[last] = v
+        config_set(c, k, v)
     return c
+
+
+def config_get(config, key: str):
+    """`config["a"]["b"]` for the dotted key "a.b"."""
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def config_set(config, key: str, value) -> None:
+    """Sets the dotted key "a.b" of `config` to `value`."""
+    *path, last = key.split(".")
+    for part in path:
+        config = config[part]
+    config[last] = value
+
+
+def config_flags(config, keys, variant: str = "reproduce.py:quick") -> list[str]:
+    """The command line that gives a script `config`'s values of `keys`: the config file
+    `experiments/configs/<variant>` and one `--config.<key>=<value>` per key."""
+    return [f"--config=experiments/configs/{variant}",
+            *(f"--config.{k}={config_get(config, k)}" for k in keys)]
+
+
+def quiet(_msg):
+    """A log function that prints nothing."""
 
 
 def run_module(name, *args, env=None, check=True, timeout=600):

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_tiny_ddpm, run_module, tiny_study_config
+from conftest import config_flags, config_set, make_tiny_ddpm, quiet, run_module, tiny_study_config
 
 from diffjax import analysis
 from diffjax.study import Study, Workdir, beyond
@@ -33,30 +33,17 @@ STUDY = ("diffusion", "methods", "num_examples", "batch_size", "eval_draws",
          "compression.num_examples", "compression.num_attack_examples")
 
 
-def _get(config, key):
-    for part in key.split("."):
-        config = config[part]
-    return config
-
-
 def make_config(ddpm):
     c = tiny_study_config(ddpm, **{"compression.t_stars": "100"})
     c.beyond = beyond_config.get_config("quick").beyond
     for k, v in BEYOND.items():
-        *path, last = k.split(".")
-        _get(c.beyond, ".".join(path))[last] = v
+        config_set(c.beyond, k, v)
     return c
 
 
 def flags(config) -> list[str]:
-    out = ["--config=experiments/configs/beyond.py:quick"]
-    out += [f"--config.{k}={_get(config, k)}" for k in STUDY]
-    out += [f"--config.beyond.{k}={v}" for k, v in BEYOND.items()]
-    return out
-
-
-def quiet(_msg):
-    pass
+    return [*config_flags(config, STUDY, "beyond.py:quick"),
+            *(f"--config.beyond.{k}={v}" for k, v in BEYOND.items())]
 
 
 @pytest.fixture(scope="module")

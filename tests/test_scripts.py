@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny_ddpm, run_module, tiny_study_config
+from conftest import config_flags, make_tiny_ddpm, run_module, tiny_study_config
 
 from diffjax.study import UNDEFENDED, Study, Workdir, robustness, validate_config
 from experiments.configs import reproduce
@@ -19,14 +19,7 @@ KEYS = ("methods", "num_examples", "batch_size", "eval_draws", "purifier.num_ste
 
 
 def flags_of(config) -> list[str]:
-    out = ["--config=experiments/configs/reproduce.py:quick",
-           f"--config.diffusion={config.diffusion}"]
-    for k in KEYS:
-        obj = config
-        for part in k.split("."):
-            obj = obj[part]
-        out.append(f"--config.{k}={obj}")
-    return out
+    return config_flags(config, ("diffusion", *KEYS))
 
 
 @pytest.fixture(scope="module")

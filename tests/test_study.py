@@ -7,7 +7,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_ddpm, run_module, tiny_study_config
+from conftest import config_flags, make_tiny_ddpm, quiet, run_module, tiny_study_config
 
 from diffjax import protocols, randomness
 from diffjax.study import Interrupted, Study, Workdir, report, robustness, run_study
@@ -32,10 +32,6 @@ def flat_numbers(tree, prefix="") -> dict:
 
 def numbers(res: dict) -> dict:
     return flat_numbers({k: res[k] for k in NUMBER_KEYS if k in res})
-
-
-def quiet(_msg):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +195,7 @@ def _flags(ddpm, **overrides) -> list[str]:
             "compression.num_examples", "compression.num_attack_examples",
             "audit.enabled", "audit.num_examples", "audit.step_multipliers", "audit.eps",
             "audit.square_queries", "fid_reference_examples")
-    out = ["--config=experiments/configs/reproduce.py:quick", f"--config.diffusion={ddpm}"]
-    for k in keys:
-        obj = c
-        for part in k.split("."):
-            obj = obj[part]
-        out.append(f"--config.{k}={obj}")
-    return out
+    return config_flags(c, ("diffusion", *keys))
 
 
 def test_eight_devices_give_the_same_numbers(tiny, tmp_path):
