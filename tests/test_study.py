@@ -11,6 +11,7 @@ from conftest import config_flags, make_tiny_ddpm, quiet, run_module, tiny_study
 
 from diffjax import protocols, randomness
 from diffjax.study import Interrupted, Study, Workdir, report, robustness, run_study
+from diffjax.study.workdir import compile_seconds
 
 NUMBER_KEYS = ("clean_accuracy", "distances", "robust_accuracy", "gradient_correlation",
                "compression", "sigmoid_fit", "randomness_correlation", "fid", "audit")
@@ -154,6 +155,39 @@ def test_interrupted_run_resumes_to_the_same_results(tiny, tmp_path):
     assert numbers(resumed) == numbers(res)
 
 
+def test_threads_asking_for_one_part_compute_it_once(tmp_path):
+    """`run_study`'s concurrent start: a part asked for by several threads at once is
+    computed by one and loaded by the others; each thread's compile time is its own."""
+    import threading
+    import time
+
+    wd = Workdir(tmp_path, log=quiet)
+    calls, gate = [], threading.Barrier(4)
+
+    def compute():
+        calls.append(threading.get_ident())
+        jax.jit(lambda a: a * 3 + 1)(np.ones(7, np.float32)).block_until_ready()  # compiles
+        time.sleep(0.2)  # the others arrive while it runs
+        return {"v": np.arange(3)}
+
+    got = []
+    main_compile = compile_seconds()
+
+    def ask():
+        gate.wait()
+        got.append(wd.arrays("p", compute)["v"].tolist())
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [[0, 1, 2]] * 4
+    assert wd.computed_parts == ["p"] and wd.loaded_parts == []
+    assert wd.costs["p"]["compile_s"] > 0  # the worker's compile is the part's ...
+    assert compile_seconds() == main_compile  # ... and not this thread's
+
+
 def test_a_bucket_workdir_stays_a_url(tmp_path):
     """gs:// paths go through etils.epath to the filesystem (a fake GCS here): nothing is
     written to a local folder named 'gs:'."""
@@ -199,10 +233,13 @@ def _flags(ddpm, **overrides) -> list[str]:
 
 
 def test_eight_devices_give_the_same_numbers(tiny, tmp_path):
-    """The study on 8 simulated CPU devices equals the module's single-device run."""
+    """The study on 8 simulated CPU devices, its parts computed one at a time, equals the
+    module's single-device run, whose first parts were computed two at a time
+    (`config.concurrent_parts`): no number depends on the device count or the order."""
     ddpm, _, res, _ = tiny
+    assert tiny_study_config(ddpm).concurrent_parts == 2
     eight = run_module("reproduce", f"--workdir={tmp_path}",
-                       *_flags(ddpm, **{"audit.enabled": False}),
+                       *_flags(ddpm, **{"audit.enabled": False, "concurrent_parts": 1}),
                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert "claim 1:" in eight.stdout and "claim 4:" in eight.stdout
     r8 = json.loads((tmp_path / "results.json").read_text())

@@ -36,7 +36,24 @@ from diffjax import stats
 from diffjax.study import robustness
 from diffjax.study.context import Study, as_list
 
-__all__ = ["audit"]
+__all__ = ["audit", "variant", "VARIANTS"]
+
+VARIANTS = ("straight_through", "square", "bpda")  # the attacks other than the study's
+
+
+def variant(study: Study, method: str, name: str) -> dict:
+    """The attack part of one of `VARIANTS` on the audit's examples."""
+    a = study.config.audit
+    n = min(int(a.num_examples), study.num_examples)
+    if name == "straight_through":
+        kw = {"defense": study.defense(method, clip_gradient="straight_through")}
+    elif name == "bpda":
+        kw = {"cascade": study.cascade(method, gradient=study.gradient("bpda"))}
+    elif name == "square":
+        kw = {"cascade": study.cascade(method, spec="square", steps=int(a.square_queries))}
+    else:
+        raise ValueError(f"audit variant: expected one of {VARIANTS}, got {name!r}")
+    return robustness.attack_part(study, method, None, "realization", n, variant=name, **kw)
 
 
 def _row(check: str, attack: str, part: dict, field: str, main: np.ndarray) -> dict:
@@ -86,15 +103,12 @@ def audit(study: Study, method: str) -> dict:
     conv = all(r["delta_vs_study"] >= -tol and r["p_value_lower"] >= 0.05
                for r in (plateau.get("fixed"), plateau.get("independent")) if r)
 
-    st = part("realization", "straight_through",
-              defense=study.defense(method, clip_gradient="straight_through"))
+    st = variant(study, method, "straight_through")
     rows.append(_row("clips", "straight-through clip gradients", st, "fixed_adv_correct", base))
-    bp = part("realization", "bpda", cascade=study.cascade(
-        method, gradient=study.gradient("bpda")))
+    bp = variant(study, method, "bpda")
     rows.append(_row("gradient", "BPDA (identity backward through the purifier)", bp,
                      "fixed_adv_correct", base))
-    sq = part("realization", "square", cascade=study.cascade(
-        method, spec="square", steps=int(a.square_queries)))
+    sq = variant(study, method, "square")
     rows.append(_row("gradient-free", f"Square, {int(a.square_queries)} queries", sq,
                      "fixed_adv_correct", base))
     for p in (st, bp, sq):

@@ -121,6 +121,8 @@ def validate_config(config) -> None:
     _checks.check_number(c.min_clean_fraction, "config.compression.min_clean_fraction",
                          lo=0.0, hi=1.0)
     _checks.check_int(config.eval_draws, "config.eval_draws", lo=1)
+    if config.get("concurrent_parts") is not None:
+        _checks.check_int(config.concurrent_parts, "config.concurrent_parts", lo=1)
     _checks.check_int(config.fid_reference_examples, "config.fid_reference_examples", lo=2)
     for m in as_list(config.audit.methods):
         _check_method(m, "config.audit.methods")

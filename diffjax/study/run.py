@@ -23,11 +23,19 @@ come from the two purifications (clean and adversarial, under the realization) o
 fixed attack part's evaluation.
 
 Per-example keys are `example_keys(key(seed), id)` with the id the index in the split,
-so every number is independent of batch size, batch order, device and process count.
+so every number is independent of batch size, batch order, device and process count --
+and of the order the parts are computed in: with `config.concurrent_parts` > 1 (one
+process), the parts that compile the study's distinct programs (the first method's two
+attacks, the first sweep point, the audit's other attacks, the gradient correlation, the
+randomness measurement, the undefended attack) are computed first, that many at a time:
+on a CPU most of a small study is XLA compiling these programs, one core each; every
+later part reuses them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import time
 from collections.abc import Callable
 
@@ -55,6 +63,7 @@ def run_study(config, workdir: Workdir, log: Callable[[str], None] = print,
     res: dict = {"dataset": config.dataset, "split": study.split,
                  "num_examples": int(study.num_examples),
                  "synthetic_data": bool(config.get("synthetic_data"))}
+    _start_concurrently(study, methods)
     und = robustness.robust_undefended(study)
     res["clean_accuracy"] = robustness.clean_accuracy(study, methods)
     res["robust_accuracy"] = {"undefended": und["robust_accuracy"],
@@ -90,6 +99,36 @@ def run_study(config, workdir: Workdir, log: Callable[[str], None] = print,
     res["costs"] = _costs(workdir)
     res["figure_examples"] = _figure_parts(study, methods)
     return res
+
+
+def _start_concurrently(study: Study, methods) -> None:
+    """Computes the parts that compile distinct programs `config.concurrent_parts` at a
+    time, longest first (module docstring); the sequential pass then loads them. One
+    process only: several processes must run their collectives in the same order."""
+    cfg = study.config
+    workers = int(cfg.get("concurrent_parts") or 1)
+    if workers < 2 or jax.process_count() > 1:
+        return
+    m0 = methods[0]
+    thunks = [lambda: robustness.attack_part(study, m0, stream="realization"),
+              lambda: robustness.attack_part(study, m0, stream="fresh")]
+    sweep = [(m, t) for m in as_list(cfg.compression.methods)
+             for t in as_list(cfg.compression.t_stars, int)]
+    if sweep:
+        main_t = int(cfg.purifier.t_star)
+        m, t = next(((m, t) for m, t in sweep if t != main_t), sweep[0])
+        thunks.append(lambda: compression.compression_point(study, m, t))
+    audited = [functools.partial(audit.variant, study, as_list(cfg.audit.methods)[0], v)
+               for v in audit.VARIANTS] if cfg.audit.enabled else []
+    thunks += [*audited[:1], lambda: robustness.gradient_correlation(study, m0), *audited[1:],
+               lambda: robustness.attack_part(study, UNDEFENDED),
+               lambda: randomness.randomness_correlation(study, m0)]
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="part")
+    try:
+        for f in [pool.submit(t) for t in thunks]:
+            f.result()  # the first error, raised as the sequential pass would raise it
+    finally:  # after an error, parts not started are not started; finished ones are saved
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _consistency(study: Study, res: dict, methods) -> dict:

@@ -18,7 +18,12 @@ cannot disagree and leave a collective hanging, and a part that only process 0's
 has is loaded by all. Only process 0 writes.
 
 Costs: every part's wall time, and the time JAX spent tracing, lowering and compiling
-while it ran (from `jax.monitoring`'s compile events), are recorded in `costs`.
+while it ran (from `jax.monitoring`'s compile events, counted per thread), are recorded in
+`costs`.
+
+Threads: parts may be computed from several threads at once (`run_study`'s concurrent
+start, one process only). A part is computed once: a thread asking for a part that another
+is computing waits for it and loads it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from diffjax import parallel
 
 __all__ = ["Workdir", "Interrupted", "compile_seconds"]
 
-_COMPILE = {"seconds": 0.0, "registered": False}
+_COMPILE = {"registered": False}
+_COMPILE_BY_THREAD: dict[int, float] = {}  # thread id -> seconds
 _LOCK = threading.Lock()
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -45,19 +51,22 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
 
 
 def _on_event(event: str, duration: float, **_kwargs) -> None:
+    # JAX reports compile events on the thread that traces and compiles.
     if event in _COMPILE_EVENTS:
         with _LOCK:
-            _COMPILE["seconds"] += float(duration)
+            t = threading.get_ident()
+            _COMPILE_BY_THREAD[t] = _COMPILE_BY_THREAD.get(t, 0.0) + float(duration)
 
 
 def compile_seconds() -> float:
-    """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
-    if not _COMPILE["registered"]:
-        import jax
+    """Seconds JAX has spent tracing, lowering and compiling on this thread so far."""
+    with _LOCK:
+        if not _COMPILE["registered"]:
+            import jax
 
-        jax.monitoring.register_event_duration_secs_listener(_on_event)
-        _COMPILE["registered"] = True
-    return _COMPILE["seconds"]
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _COMPILE["registered"] = True
+        return _COMPILE_BY_THREAD.get(threading.get_ident(), 0.0)
 
 
 class Interrupted(RuntimeError):
@@ -139,6 +148,8 @@ class Workdir:
         self.loaded_parts: list[str] = []
         self.computed_parts: list[str] = []
         self.costs: dict[str, dict] = {}
+        self._part_locks: dict[str, threading.Lock] = {}
+        self._costs_lock = threading.Lock()
         compile_seconds()  # start listening to compile events
         if self.is_writer:
             self.check_writable(self.path)
@@ -195,15 +206,21 @@ class Workdir:
         t0, c0 = time.time(), compile_seconds()
         out = compute()
         wall, comp = time.time() - t0, compile_seconds() - c0
-        self.costs[name] = {"wall_s": wall, "compile_s": comp, "run_s": max(wall - comp, 0.0)}
-        self.computed_parts.append(name)
         self.log(f"[{name}] done in {wall:.1f} s ({comp:.1f} s compiling)")
-        # Kept beside the parts, so a resumed run still reports what every part cost.
-        path = self.path / "parts" / "_costs.json"
-        old = self.read_agreed(path)
-        every = {**(json.loads(old) if old else {}), name: self.costs[name]}
-        self.write(path, json.dumps(every, indent=2, sort_keys=True).encode())
+        with self._costs_lock:
+            self.costs[name] = {"wall_s": wall, "compile_s": comp,
+                                "run_s": max(wall - comp, 0.0)}
+            self.computed_parts.append(name)
+            # Kept beside the parts, so a resumed run still reports what every part cost.
+            path = self.path / "parts" / "_costs.json"
+            old = self.read_agreed(path)
+            every = {**(json.loads(old) if old else {}), name: self.costs[name]}
+            self.write(path, json.dumps(every, indent=2, sort_keys=True).encode())
         return out
+
+    def _lock(self, name: str) -> threading.Lock:
+        with _LOCK:
+            return self._part_locks.setdefault(name, threading.Lock())
 
     def all_costs(self) -> dict[str, dict]:
         """The cost of every part computed in this work directory, in this run or before."""
@@ -211,30 +228,33 @@ class Workdir:
         return {**(json.loads(old) if old else {}), **self.costs}
 
     def _loaded(self, name: str, path: epath.Path):
-        self.loaded_parts.append(name)
-        self.log(f"[{name}] loaded from {path}")
+        if name not in self.loaded_parts and name not in self.computed_parts:
+            self.loaded_parts.append(name)
+            self.log(f"[{name}] loaded from {path}")
 
     def part(self, name: str, compute: Callable[[], dict]) -> dict:
         """The JSON result of part `name`: loaded when finished, else computed and saved."""
-        path = self.part_file(name)
-        data = self.read_agreed(path)
-        if data is not None:
-            self._loaded(name, path)
-            return json.loads(data)
-        result = _to_jsonable(self._run(name, compute))
-        self.write(path, json.dumps(result, indent=2, sort_keys=True).encode())
-        return result
+        with self._lock(name):
+            path = self.part_file(name)
+            data = self.read_agreed(path)
+            if data is not None:
+                self._loaded(name, path)
+                return json.loads(data)
+            result = _to_jsonable(self._run(name, compute))
+            self.write(path, json.dumps(result, indent=2, sort_keys=True).encode())
+            return result
 
     def arrays(self, name: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
         """The per-example arrays of part `name` (an npz), loaded or computed and saved."""
-        path = self.part_file(name, ".npz")
-        data = self.read_agreed(path)
-        if data is not None:
-            self._loaded(name, path)
-            return _npz_load(data)
-        result = {k: np.asarray(v) for k, v in self._run(name, compute).items()}
-        self.write(path, _npz_bytes(result))
-        return result
+        with self._lock(name):
+            path = self.part_file(name, ".npz")
+            data = self.read_agreed(path)
+            if data is not None:
+                self._loaded(name, path)
+                return _npz_load(data)
+            result = {k: np.asarray(v) for k, v in self._run(name, compute).items()}
+            self.write(path, _npz_bytes(result))
+            return result
 
     def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
         """A finished array part, or None (every process gets process 0's)."""

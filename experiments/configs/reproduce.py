@@ -71,6 +71,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.methods = "ddpm,reverse_only,ddim,sde"  # comma-separated: --config.methods=ddpm,sde
     c.eval_draws = 8
     c.protocols = "fixed,transfer,independent"  # what experiments.eval_robustness reports
+    # Parts computed at once at the start (one process): on a CPU most of a small study is
+    # XLA compiling its ~10 distinct programs, one core each (diffjax.study.run).
+    c.concurrent_parts = 2
 
     c.purifier = ml_collections.ConfigDict()
     c.purifier.t_star = 100
@@ -153,6 +156,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # with --config.synthetic_data=True, small checkpoints and small sizes
         # (tests/test_paper_configs.py; experiments.project_cost projects the whole run).
         c.dataset = "cifar10"
+        c.concurrent_parts = 1  # an accelerator runs one program at a time
         c.diffusion = "~/.cache/diffjax/checkpoints/ddpmpp_cifar10"
         c.classifier = "~/.cache/diffjax/checkpoints/wrn_28_10_standard"
         c.num_examples = 512
@@ -187,6 +191,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # out of the paper's budget too); 224 for the classifier, 256 for the purifier.
         # Jacobians matrix-free only (d = 150,528): Hutchinson rate, top-k Lanczos spectrum.
         c.dataset = "imagenet2012"
+        c.concurrent_parts = 1
         c.diffusion = "~/.cache/diffjax/checkpoints/guided_256_uncond"
         c.classifier = "~/.cache/diffjax/checkpoints/resnet50"
         c.num_examples = 512
