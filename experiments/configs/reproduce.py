@@ -1,6 +1,6 @@
 r"""The whole study on the embedded default (sklearn digits, shipped checkpoints).
 
-Run (about 7 minutes on a 2-core CPU from a cold start; `:quick` under a minute):
+Run (10-11 minutes on a 2-core CPU from a cold start; `:quick` about 100 s):
 
     python -m experiments.reproduce --workdir=workdir/study
     python -m experiments.reproduce --workdir=workdir/quick \
@@ -8,29 +8,26 @@ Run (about 7 minutes on a 2-core CPU from a cold start; `:quick` under a minute)
 
 Override anything, e.g. `--config.attack.steps=20 --config.methods=ddpm,sde`.
 
-Why these sizes (the budget: the whole study <= 10 minutes on 2 CPU cores, `quick` <= 60 s,
-from a cold start): the study runs every claim for four purifiers (two PGD attacks each, one
-with EOT), a gradient-correlation and a randomness measurement per purifier, and a sweep
-of Jacobian spectra and attacks over t* -- all through a U-Net called `num_steps` times per
-purification and differentiated through every call. On 2 CPU cores the cost is mostly XLA
-compilation (a full-gradient attack program compiles in ~8 s and runs a batch in ~1 s), so
-the study is built to compile few programs: a purifier's method, t* and schedule are data
-(`diffusion.make_chain`), chains shorter than `num_steps` are padded with identity steps,
-and every batch is padded to `batch_size`, so that all methods and all sweep points share
-one attack program per protocol (about 10 programs in all). The 8x8 digits and the shipped
-~0.2M-parameter U-Net make one full-gradient PGD step through 10 reverse steps cost ~20 ms
-per image; hence 10 reverse steps (respaced over t* = 100 of 1000, the paper's t* = 0.1 T),
-PGD-10 with l_inf eps 0.1 (digits are nearly binary; 8/255 barely moves a 16-level image),
-EOT-4 for the `independent` protocol (the paper's EOT-20 costs 5x more for the same
-ordering), 96 test examples for the attacks (the robust accuracies are +-5% at that size;
-raise `num_examples` for tighter numbers), and a sweep of 3 samplers x 7 t* (2 to 400) for
-claim 4. Sweep points whose purified clean accuracy falls below `min_clean_fraction` of the
-classifier's (t* = 400 on digits erases the digit) are shown but left out of the fit.
+What the default runs (the budget: <= 10 minutes on 2 CPU cores from a cold start, up to
+15 where the evidence needs it; README "What the main job prints"): all 297 test digits;
+four purifiers (ddpm, reverse_only, ddim, sde) at t* = 100 of 1000 with 4 reverse steps;
+per purifier the cascade APGD-CE then APGD-T (1 target), 10 steps each, early exit in
+chunks of 5, full gradients through the sampler, under the realization (fixed and
+transfer) and with EOT-2 under fresh draws (independent), evaluated with 8 draws; the
+undefended classifier under AutoAttack's pair (APGD-CE + APGD-T over 3 targets, 100 steps
+each); l_inf eps 0.1 (digits are nearly binary; 8/255 barely moves a 16-level image);
+the gradient correlation (EOT-16, 50 examples) and the randomness measurement; a sweep of
+3 samplers x 5 t* (5 to 400) with exact Jacobian spectra on 8 examples and attacks on 32;
+the gradient-masking audit on 24 examples (10x the steps, straight-through clips, BPDA,
+Square with 300 queries, eps 0.2 and 0.4). Sweep points whose purified clean accuracy
+falls below `min_clean_fraction` of the classifier's (t* = 400 erases a digit) are shown
+but left out of the fit.
 
-Expected result (see README): every claim's direction reproduces: fixed < transfer and
-independent robust accuracy, purified images farther from the clean image than the
-adversarial input, one-seed correlation >> many-seed correlation, and robust accuracy
-rising with compression strength along a logistic curve.
+Why it fits: most of a CPU run is XLA compiling, so the study compiles few programs: a
+purifier's method, t* and schedule are data (`diffusion.make_chain`), chains shorter than
+`num_steps` are padded with identity steps, every batch is padded to `batch_size`, eps is
+traced, and the parts that compile the distinct programs run `concurrent_parts` at a time
+at the start (`diffjax.study.run`). Every verdict carries its test (README).
 """
 
 import ml_collections
