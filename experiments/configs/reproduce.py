@@ -1,6 +1,6 @@
 r"""The whole study on the embedded default (sklearn digits, shipped checkpoints).
 
-Run (10-11 minutes on a 2-core CPU from a cold start; `:quick` about 100 s):
+Run (9 min 44 s on an idle 2-core CPU from a cold start; `:quick` about 100 s):
 
     python -m experiments.reproduce --workdir=workdir/study
     python -m experiments.reproduce --workdir=workdir/quick \
