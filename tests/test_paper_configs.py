@@ -148,7 +148,6 @@ def check_resumed(run):
         assert f"[{name}] loaded from" in run["stdout"]
 
 
-@pytest.mark.xdist_group("cifar10")
 def test_cifar10_config_end_to_end(cifar10):
     check_results(cifar10, dataset="cifar10", shape=(32, 32, 3), d_in=3072,
                   square_queries=10)  # 5 x the 2 attack steps
@@ -156,12 +155,10 @@ def test_cifar10_config_end_to_end(cifar10):
     assert cfg["purifier"]["remat"] and cfg["attack"]["gradient"] == "full"
 
 
-@pytest.mark.xdist_group("cifar10")
 def test_cifar10_config_resumes_after_an_interruption(cifar10):
     check_resumed(cifar10)
 
 
-@pytest.mark.xdist_group("imagenet")
 def test_imagenet_config_end_to_end(imagenet):
     """224x224 for the classifier; the guided-diffusion U-Net purifies at its 32x32
     (resize in and out inside the purifier); BPDA-EOT attack; Jacobians on 150,528 dims."""
@@ -173,12 +170,10 @@ def test_imagenet_config_end_to_end(imagenet):
     assert out["clean_accuracy"]["undefended"] == 1.0  # the fitted last layer
 
 
-@pytest.mark.xdist_group("imagenet")
 def test_imagenet_config_resumes_after_an_interruption(imagenet):
     check_resumed(imagenet)
 
 
-@pytest.mark.xdist_group("cifar10")
 def test_project_cost_reads_the_runs_costs(cifar10, tmp_path):
     """The projection script on the run's results.json: every group of parts, and the
     total equals compile + run for each target."""
