@@ -42,8 +42,8 @@ from diffjax import parallel
 
 __all__ = ["Workdir", "Interrupted", "compile_seconds"]
 
-_COMPILE = {"registered": False}
 _COMPILE_BY_THREAD: dict[int, float] = {}  # thread id -> seconds
+_LISTENING = False  # whether the compile-event listener is registered
 _LOCK = threading.Lock()
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -60,12 +60,13 @@ def _on_event(event: str, duration: float, **_kwargs) -> None:
 
 def compile_seconds() -> float:
     """Seconds JAX has spent tracing, lowering and compiling on this thread so far."""
+    global _LISTENING
     with _LOCK:
-        if not _COMPILE["registered"]:
+        if not _LISTENING:
             import jax
 
             jax.monitoring.register_event_duration_secs_listener(_on_event)
-            _COMPILE["registered"] = True
+            _LISTENING = True
         return _COMPILE_BY_THREAD.get(threading.get_ident(), 0.0)
 
 
@@ -232,29 +233,34 @@ class Workdir:
             self.loaded_parts.append(name)
             self.log(f"[{name}] loaded from {path}")
 
-    def part(self, name: str, compute: Callable[[], dict]) -> dict:
-        """The JSON result of part `name`: loaded when finished, else computed and saved."""
+    def _get(self, name: str, suffix: str, compute: Callable[[], object], encode, decode):
+        """Part `name` (file suffix `suffix`): loaded when finished, else computed, encoded
+        and saved; one thread at a time per part."""
         with self._lock(name):
-            path = self.part_file(name)
+            path = self.part_file(name, suffix)
             data = self.read_agreed(path)
             if data is not None:
                 self._loaded(name, path)
-                return json.loads(data)
-            result = _to_jsonable(self._run(name, compute))
-            self.write(path, json.dumps(result, indent=2, sort_keys=True).encode())
+                return decode(data)
+            result, data = encode(self._run(name, compute))
+            self.write(path, data)
             return result
+
+    def part(self, name: str, compute: Callable[[], dict]) -> dict:
+        """The JSON result of part `name`: loaded when finished, else computed and saved."""
+        def encode(out):
+            out = _to_jsonable(out)
+            return out, json.dumps(out, indent=2, sort_keys=True).encode()
+
+        return self._get(name, ".json", compute, encode, json.loads)
 
     def arrays(self, name: str, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
         """The per-example arrays of part `name` (an npz), loaded or computed and saved."""
-        with self._lock(name):
-            path = self.part_file(name, ".npz")
-            data = self.read_agreed(path)
-            if data is not None:
-                self._loaded(name, path)
-                return _npz_load(data)
-            result = {k: np.asarray(v) for k, v in self._run(name, compute).items()}
-            self.write(path, _npz_bytes(result))
-            return result
+        def encode(out):
+            out = {k: np.asarray(v) for k, v in out.items()}
+            return out, _npz_bytes(out)
+
+        return self._get(name, ".npz", compute, encode, _npz_load)
 
     def load_arrays(self, name: str) -> dict[str, np.ndarray] | None:
         """A finished array part, or None (every process gets process 0's)."""
