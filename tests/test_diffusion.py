@@ -391,6 +391,11 @@ def test_straight_through_clips_keep_the_forward_pass_and_pass_gradients():
     g_hard, g_st = np.asarray(g(hard)), np.asarray(g(st))
     assert np.all(np.isfinite(g_st))
     assert np.sum(g_hard == 0) > np.sum(g_st == 0)
+    # The choice is data (a bool leaf of the purifier): one compiled program for both.
+    grad_sum = jax.jit(lambda p, v: jax.grad(lambda u: jnp.sum(p(u, keys)))(v))
+    np.testing.assert_array_equal(grad_sum(hard, x), g_hard)
+    np.testing.assert_array_equal(grad_sum(st, x), g_st)
+    assert grad_sum._cache_size() == 1
     with pytest.raises(ValueError, match="clip_gradient"):
         diffusion.make_purifier(strong, clip_gradient="soft", **kw)
 

@@ -3,6 +3,7 @@ study's parts. They write their summaries from the same parts the study uses (a 
 script reuses the first one's attack part), and bad input ends with one `error:` line."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -106,3 +107,17 @@ def test_every_config_variant_is_valid(variant):
     validate_config(reproduce.get_config(variant))
     with pytest.raises(ValueError, match="variant"):
         reproduce.get_config("huge")
+
+
+def test_study_scripts_compile_at_llvm_level_1_on_a_cpu_only(monkeypatch):
+    from experiments import common
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert common.compile_faster_on_cpu()
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                       "--xla_backend_optimization_level=1")
+    assert not common.compile_faster_on_cpu()  # a level already set wins
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not common.compile_faster_on_cpu() and os.environ["XLA_FLAGS"] == ""

@@ -117,6 +117,45 @@ def test_one_realization_per_example(tiny):
     np.testing.assert_array_equal(part["clean_correct_fixed"][:6], clean)
 
 
+def test_gradient_paths_and_protocols_share_programs(tiny):
+    """Hard and straight-through clips are one attack program (the choice is data), and
+    every part's evaluation is one program whatever protocols it reports: Transfer's and
+    Independent's draws are the same evaluation draws."""
+    from diffjax import attacks
+    from diffjax.attacks import engine
+    from diffjax.study import distances
+
+    ddpm, path, _, _ = tiny
+    study = Study(tiny_study_config(ddpm), Workdir(path, log=quiet), quiet)
+    x, y, kd = study.x[:3], study.y[:3], study.keys[:3]
+    keys = jax.random.wrap_key_data(kd)
+    cfg = attacks.PGDConfig(norm="linf", eps=0.1, step_size=0.05, steps=3, loss="ce")
+    hard, st = study.defense("ddpm"), study.defense("ddpm", clip_gradient="straight_through")
+    before = engine.run_program._cache_size()
+    for d in (hard, st):
+        res = attacks.pgd_attack(d, x, y, keys, config=cfg)
+        assert np.all(np.asarray(res.linf) <= 0.1 + 1e-6)
+    assert engine.run_program._cache_size() == before + 1
+    np.testing.assert_array_equal(hard.purify(x, keys), st.purify(x, keys))
+
+    ps = study.protocols()
+    m = int(study.config.eval_draws)
+    before = robustness._evaluate_program._cache_size()
+    out = {name: robustness._evaluate_batch(
+        hard, x, y, kd, x, evals=evals, ssim=distances.ssim_window(x.shape), draws=m)
+        for name, evals in (("realization", (ps["fixed"], ps["transfer"])),
+                            ("fresh", (ps["independent"],)), ("sweep", (ps["fixed"],)))}
+    assert robustness._evaluate_program._cache_size() == before + 1
+    for k in ("adv_correct", "adv_correct_mean", "adv_correct_worst", "clean_correct",
+              "adv_draws"):
+        np.testing.assert_array_equal(out["realization"][f"transfer_{k}"],
+                                      out["fresh"][f"independent_{k}"])
+    assert not any(k.startswith(("transfer_", "independent_")) for k in out["sweep"])
+    np.testing.assert_array_equal(out["sweep"]["fixed_adv_correct"],
+                                  out["realization"]["fixed_adv_correct"])
+    assert out["fresh"]["independent_adv_draws"].shape == (3, m)
+
+
 def test_report_is_rendered_from_results_json(tiny):
     _, path, _, paths = tiny
     before = paths["report"].read_text()
@@ -235,7 +274,9 @@ def _flags(ddpm, **overrides) -> list[str]:
 def test_eight_devices_give_the_same_numbers(tiny, tmp_path):
     """The study on 8 simulated CPU devices, its parts computed one at a time, equals the
     module's single-device run, whose first parts were computed two at a time
-    (`config.concurrent_parts`): no number depends on the device count or the order."""
+    (`config.concurrent_parts`), to float rounding (programs running at once on XLA:CPU are
+    not bit-reproducible: `diffjax.study.run`): no number depends on the device count or
+    the order."""
     ddpm, _, res, _ = tiny
     assert tiny_study_config(ddpm).concurrent_parts == 2
     eight = run_module("reproduce", f"--workdir={tmp_path}",

@@ -6,8 +6,9 @@ that attacks differentiate through and that every part of an evaluation shares. 
 baked into a program), the eps-model's weights (when `eps_fn` is a `Partial` holding them,
 as `diffjax.pretrained` models are) and the chain's coefficients
 (`diffjax.diffusion.make_chain`: the method, `t_star` and the schedule as arrays). Only
-the shapes, the number of steps, `remat`, `clip_gradient` and `resolution` are static, so
-purifiers that differ in method, `t_star` or weights share one compiled attack.
+the shapes, the number of steps, `remat` and `resolution` are static, so purifiers that
+differ in method, `t_star`, weights or `clip_gradient` (a bool leaf choosing the clips'
+derivative) share one compiled attack.
 
 `resolution`: a purifier trained at another image size (the paper's ImageNet setting:
 224x224 classifier crops, the 256x256 guided diffusion). The input is resized (bilinear)
@@ -36,24 +37,25 @@ class ChainPurifier:
 
     Attributes:
       remat: checkpoint each reverse step (memory flat in the step count under `grad`).
-      clip_gradient: how gradients pass the clips ("hard" or "straight_through").
       resolution: purify at this size (resize in and out), or None.
+
+    Called as `(eps_fn, chain, straight, x, keys)`: `straight` is the bool leaf choosing
+    how gradients pass the clips (True: straight-through; False: hard).
     """
 
     remat: bool = True
-    clip_gradient: str = "hard"
     resolution: int | None = None
 
-    def __call__(self, eps_fn, chain, x, keys):
+    def __call__(self, eps_fn, chain, straight, x, keys):
         if self.resolution and self.resolution != x.shape[1]:
             b, h, w, c = x.shape
             size = int(self.resolution)
             up = jnp.clip(jax.image.resize(x, (b, size, size, c), "bilinear"), 0.0, 1.0)
             out = samplers.run_chain(eps_fn, up, keys, chain, remat=self.remat,
-                                     clip_gradient=self.clip_gradient)
+                                     straight=straight)
             return jnp.clip(jax.image.resize(out, (b, h, w, c), "bilinear"), 0.0, 1.0)
         return samplers.run_chain(eps_fn, x, keys, chain, remat=self.remat,
-                                  clip_gradient=self.clip_gradient)
+                                  straight=straight)
 
 
 def make_purifier(
@@ -99,4 +101,5 @@ def make_purifier(
         if not callable(eps_fn):
             _checks.fail("eps_fn", "a callable eps_fn(x_t, t)", type(eps_fn).__name__)
         eps_fn = Partial(eps_fn)
-    return Partial(ChainPurifier(bool(remat), clip_gradient, resolution), eps_fn, chain)
+    straight = jnp.asarray(clip_gradient == "straight_through")
+    return Partial(ChainPurifier(bool(remat), resolution), eps_fn, chain, straight)

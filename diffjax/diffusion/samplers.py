@@ -219,16 +219,39 @@ def make_chain(schedule: Schedule, *, t_star: int, method: str = "ddpm",
     return Chain(**out)
 
 
-def _clip(x, lo, hi, clip_gradient: str):
-    clipped = jnp.clip(x, lo, hi)
-    if clip_gradient == "straight_through":
-        return x + jax.lax.stop_gradient(clipped - x)
-    return clipped
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _clip_passing(x, straight, lo, hi):
+    """`jnp.clip(x, lo, hi)` exactly; its derivative is the identity where `straight` (a
+    bool, possibly traced) and the clip's own (zero where it saturates) otherwise, so the
+    two gradient paths are one compiled program."""
+    del straight
+    return jnp.clip(x, lo, hi)
+
+
+@_clip_passing.defjvp
+def _clip_passing_jvp(lo, hi, primals, tangents):
+    x, straight = primals
+    dx = tangents[0]
+    out, d_hard = jax.jvp(lambda v: jnp.clip(v, lo, hi), (x,), (dx,))
+    return out, jnp.where(straight, dx, d_hard)
+
+
+def _clipper(clip_gradient: str, straight):
+    """The clip of a chain: plain `jnp.clip` for static hard clips, else `_clip_passing`
+    with the traced flag `straight` (or the static choice)."""
+    if straight is None:
+        if clip_gradient == "hard":
+            return jnp.clip
+        straight = jnp.bool_(True)
+    return lambda v, lo, hi: _clip_passing(v, straight, lo, hi)
 
 
 @functools.partial(jax.jit, static_argnames=("remat", "clip_gradient"))
-def run_chain_program(eps_fn, x, keys, chain: Chain, *, remat: bool, clip_gradient: str):
-    """`run_chain`'s compiled program (no input checks): one per structure."""
+def run_chain_program(eps_fn, x, keys, chain: Chain, straight=None, *, remat: bool,
+                      clip_gradient: str):
+    """`run_chain`'s compiled program (no input checks): one per structure. `straight`: a
+    traced bool choosing the clips' gradient (overrides `clip_gradient`), or None."""
+    clip = _clipper(clip_gradient, straight)
     xm = to_model_space(x)
     x_t = chain.x_scale * xm + chain.noise_scale * _per_example_normal(
         keys, 0, xm.shape[1:], xm.dtype)
@@ -237,7 +260,7 @@ def run_chain_program(eps_fn, x, keys, chain: Chain, *, remat: bool, clip_gradie
     def step(x, c):
         eps = _call_eps(eps_fn, x, jnp.full((batch,), c.t, jnp.int32))
         x0 = (x - c.eps_x0 * eps) * c.x0_scale
-        x0 = jnp.where(c.clip, _clip(x0, -1.0, 1.0, clip_gradient), x0)
+        x0 = jnp.where(c.clip, clip(x0, -1.0, 1.0), x0)
         noise = _per_example_normal(keys, c.noise_index, x.shape[1:], x.dtype)
         return c.c_x0 * x0 + c.c_x * x + c.c_eps * eps + c.c_noise * noise, None
 
@@ -246,10 +269,11 @@ def run_chain_program(eps_fn, x, keys, chain: Chain, *, remat: bool, clip_gradie
     per_step = chain._replace(x_scale=jnp.zeros(chain.num_steps),
                               noise_scale=jnp.zeros(chain.num_steps))
     out, _ = jax.lax.scan(step, x_t, per_step)
-    return _clip(from_model_space(out), 0.0, 1.0, clip_gradient)
+    return clip(from_model_space(out), 0.0, 1.0)
 
 
-def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradient: str = "hard"):
+def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradient: str = "hard",
+              straight=None):
     """Purifies `x` with a ready `Chain` (`make_chain`); `purify` is this plus `make_chain`.
 
     The compiled program depends on the shapes, `eps_fn`'s structure, `remat` and the
@@ -262,6 +286,10 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradien
       chain: the chain's coefficients.
       remat: checkpoint each step (see `purify`).
       clip_gradient: one of `CLIP_GRADIENTS` (see `purify`).
+      straight: None, or a bool array (may be traced) that chooses the clips' gradient
+        as data: True is "straight_through", False "hard" (then `clip_gradient` is not
+        used). `make_purifier`'s purifiers pass it, so that an attack through either
+        gradient path is one compiled program.
 
     Returns:
       The purified images, `[B, H, W, C]` in [0, 1].
@@ -272,8 +300,13 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradien
         _checks.fail("chain", "a diffjax.diffusion.Chain (from make_chain)",
                      type(chain).__name__)
     _checks.check_choice(clip_gradient, "clip_gradient", CLIP_GRADIENTS)
-    return run_chain_program(_as_eps_partial(eps_fn), x, keys, chain, remat=bool(remat),
-                             clip_gradient=clip_gradient)
+    if straight is not None:
+        straight = jnp.asarray(straight)
+        if straight.shape != () or straight.dtype != jnp.bool_:
+            _checks.fail("straight", "a bool scalar (or None)",
+                         f"dtype {straight.dtype} shape {straight.shape}")
+    return run_chain_program(_as_eps_partial(eps_fn), x, keys, chain, straight,
+                             remat=bool(remat), clip_gradient=clip_gradient)
 
 
 def _as_eps_partial(eps_fn):

@@ -12,8 +12,9 @@ under independent randomness too:
    accuracy at the largest multiple is within `audit.tolerance` of the study's (1x) and a
    paired exact test finds no significant drop (one-sided, 5%);
 2. **clips**: the attack through straight-through clips (the purifier's x0 and output
-   clips pass the gradient: `diffusion.make_purifier(clip_gradient="straight_through")`)
-   against the hard clips' gradient;
+   clips pass the gradient: `diffusion.make_purifier(clip_gradient="straight_through")`;
+   the choice is data, so this attack runs the study's own compiled programs) against the
+   hard clips' gradient;
 3. **BPDA**: the attack with the identity as the purifier's backward pass;
 4. **gradient-free**: Square (`attacks.square`), `audit.square_queries` queries: it needs
    no gradient, so it is blind to masking;

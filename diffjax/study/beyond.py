@@ -609,7 +609,7 @@ def likelihood(study: Study) -> dict:
             sets[f"purified_clean_{m}"] = np.asarray(study.defense(m).purify_fn(x, real))
         if chain_points:
             purify = study.defense(adv_of).purify_fn
-            eps_part, chain = purify.args
+            eps_part, chain, _ = purify.args
             out, x0s = _chain_x0(eps_part, jnp.asarray(x_adv), real, chain)
             sets["_chain_end_difference"] = np.asarray(
                 [float(jnp.max(jnp.abs(out - purify(x_adv, real))))])

@@ -25,6 +25,7 @@ the points) of its R^2 and of the Spearman rank correlation.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 
 import jax
@@ -38,6 +39,10 @@ __all__ = ["compression_point", "fit", "sweep"]
 
 PROBE_SALT = 0x0C0A_0001
 _BOOT_SALT = 0x0C0A_0002
+# One spectrum at a time: two executions of `_measure` at once (two sweep points computed
+# by concurrent parts, `config.concurrent_parts`) hung for good on XLA:CPU inside the
+# batched SVD (its LAPACK call); without the spectrum they ran side by side.
+_SPECTRUM_LOCK = threading.Lock()
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "spectrum", "top_k", "num_probes",
@@ -79,11 +84,13 @@ def compression_point(study: Study, method: str, t_star: int,
     def compute():
         d = study.defense(method, t_star)
         rows = study.rows(k)
-        got = study.map_batches(functools.partial(
-            _measure, d.purify_fn, estimator=c.estimator, spectrum=c.spectrum,
-            top_k=int(c.top_k), num_probes=int(c.num_probes), chunk_size=int(c.chunk_size),
-            lanczos_iterations=int(c.get("lanczos_iterations") or 0) or None,
-            ad_mode=c.ad_mode), study.x[rows], study.keys[rows])
+        with _SPECTRUM_LOCK:
+            got = study.map_batches(functools.partial(
+                _measure, d.purify_fn, estimator=c.estimator, spectrum=c.spectrum,
+                top_k=int(c.top_k), num_probes=int(c.num_probes),
+                chunk_size=int(c.chunk_size),
+                lanczos_iterations=int(c.get("lanczos_iterations") or 0) or None,
+                ad_mode=c.ad_mode), study.x[rows], study.keys[rows])
         got = study.gather(got)
         rates = got["rate"]
         d_in = int(np.prod(study.x.shape[1:]))

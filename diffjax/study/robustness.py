@@ -24,7 +24,7 @@ import functools
 import jax
 import numpy as np
 
-from diffjax import stats
+from diffjax import protocols, stats
 from diffjax.attacks import cascade as cascade_lib
 from diffjax.attacks import evaluation
 from diffjax.study import distances
@@ -44,10 +44,17 @@ def part_name(method: str, t_star: int | None, stream: str, n: int | None = None
     return base + (f"_n{n}" if n else "") + (f"_{variant}" if variant else "")
 
 
-@functools.partial(jax.jit, static_argnames=("evals", "ssim"))
-def _evaluate_batch(defense, x, y, key_data, x_adv, *, evals, ssim):
+@functools.partial(jax.jit, static_argnames=("draws", "ssim"))
+def _evaluate_program(defense, x, y, key_data, x_adv, *, draws, ssim):
+    """The evaluation of every attack part: under the realization and under `draws`
+    evaluation draws (`protocols.eval_draw_keys`, the draws of `Transfer` and of
+    `Independent` alike), with the distances and features of those purifications. One
+    program whatever the protocols a part reports (`_evaluate_batch` picks them), so the
+    realization and fresh attacks and every sweep point share it."""
     keys = jax.random.wrap_key_data(key_data)
-    ev = evaluation.evaluate_program(defense, x, x_adv, y, keys, evals=evals)
+    ev = evaluation.evaluate_program(
+        defense, x, x_adv, y, keys,
+        evals=(protocols.Fixed(), protocols.Transfer(eval_draws=draws)))
     out = {"clean_correct_fixed": ev["clean_correct_fixed"]}
     for name, fields in ev["protocols"].items():
         for k, v in fields.items():
@@ -55,6 +62,27 @@ def _evaluate_batch(defense, x, y, key_data, x_adv, *, evals, ssim):
     out.update(distances.per_example(defense.logits_fn, x, x_adv, ev["purified_adv"],
                                      ev["purified_clean"], ssim))
     out["purified_adv"], out["purified_clean"] = ev["purified_adv"], ev["purified_clean"]
+    return out
+
+
+def _eval_draws(evals, default: int) -> int:
+    """The one number of evaluation draws of `evals`' non-fixed protocols."""
+    counts = {int(p.eval_draws) for p in evals if not isinstance(p, protocols.Fixed)}
+    if len(counts) > 1:
+        raise ValueError(f"evals: expected one number of evaluation draws for {evals}; "
+                         f"got {sorted(counts)}")
+    return counts.pop() if counts else int(default)
+
+
+def _evaluate_batch(defense, x, y, key_data, x_adv, *, evals, ssim, draws):
+    """`_evaluate_program`'s outputs under the names of the protocols `evals`."""
+    got = _evaluate_program(defense, x, y, key_data, x_adv, draws=draws, ssim=ssim)
+    out = {k: v for k, v in got.items()
+           if not k.startswith(("fixed_", "transfer_"))}
+    for p in evals:
+        src = "fixed" if isinstance(p, protocols.Fixed) else "transfer"
+        out.update({f"{p.name}_{k}": got[f"{src}_{k}"]
+                    for k in (*evaluation.EVAL_FIELDS, "adv_draws")})
     return out
 
 
@@ -108,7 +136,9 @@ def attack_part(study: Study, method: str, t_star: int | None = None,
             log=lambda m: study.log(f"[{name}] {m}"), eps=eps)
         ev = study.map_batches(
             functools.partial(_evaluate_batch, d, evals=evals,
-                              ssim=distances.ssim_window(x.shape)), x, y, kd, out["x_adv"])
+                              ssim=distances.ssim_window(x.shape),
+                              draws=_eval_draws(evals, cfg.eval_draws)),
+            x, y, kd, out["x_adv"])
         res = {"ids": study.ids[rows], **{k: out[k] for k in (
             "success", "fooled_by", "iterations", "linf", "l2")}}
         res.update({k: v for k, v in ev.items() if not k.startswith("purified")})

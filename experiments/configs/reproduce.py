@@ -1,6 +1,6 @@
 r"""The whole study on the embedded default (sklearn digits, shipped checkpoints).
 
-Run (9 min 44 s on an idle 2-core CPU from a cold start; `:quick` about 100 s):
+Run (10 min 10 s on an idle 2-core CPU from a cold start; `:quick` 87 s):
 
     python -m experiments.reproduce --workdir=workdir/study
     python -m experiments.reproduce --workdir=workdir/quick \
@@ -25,9 +25,13 @@ but left out of the fit.
 
 Why it fits: most of a CPU run is XLA compiling, so the study compiles few programs: a
 purifier's method, t* and schedule are data (`diffusion.make_chain`), chains shorter than
-`num_steps` are padded with identity steps, every batch is padded to `batch_size`, eps is
-traced, and the parts that compile the distinct programs run `concurrent_parts` at a time
-at the start (`diffjax.study.run`). Every verdict carries its test (README).
+`num_steps` are padded with identity steps, every batch is padded to `batch_size`, eps and
+the clips' gradient path (the audit's straight-through attack) are traced, every attack
+part shares one evaluation program, the scripts compile with XLA's LLVM at level 1 on a
+CPU (`experiments.common.compile_faster_on_cpu`). `concurrent_parts=2` computes the parts
+that compile the distinct programs two at a time at the start (`diffjax.study.run`; ~15%
+faster cold, not bit-reproducible on XLA:CPU, so off by default). Every verdict carries
+its test (README).
 """
 
 import ml_collections
@@ -68,9 +72,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.methods = "ddpm,reverse_only,ddim,sde"  # comma-separated: --config.methods=ddpm,sde
     c.eval_draws = 8
     c.protocols = "fixed,transfer,independent"  # what experiments.eval_robustness reports
-    # Parts computed at once at the start (one process): on a CPU most of a small study is
-    # XLA compiling its ~10 distinct programs, one core each (diffjax.study.run).
-    c.concurrent_parts = 2
+    # Parts computed at once at the start (one process; diffjax.study.run). 1: on XLA:CPU
+    # two programs running at once do not give bit-identical results (YNNPACK's kernels;
+    # BENCHMARKS.md, "Compiling the study"), and a number must not depend on what ran
+    # beside it. 2 saves ~15% of a cold CPU run where bit-reproducibility is not needed.
+    c.concurrent_parts = 1
 
     c.purifier = ml_collections.ConfigDict()
     c.purifier.t_star = 100
@@ -153,7 +159,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # with --config.synthetic_data=True, small checkpoints and small sizes
         # (tests/test_paper_configs.py; experiments.project_cost projects the whole run).
         c.dataset = "cifar10"
-        c.concurrent_parts = 1  # an accelerator runs one program at a time
+        c.concurrent_parts = 1  # also: an accelerator runs one program at a time
         c.diffusion = "~/.cache/diffjax/checkpoints/ddpmpp_cifar10"
         c.classifier = "~/.cache/diffjax/checkpoints/wrn_28_10_standard"
         c.num_examples = 512
