@@ -24,8 +24,8 @@ def compile_faster_on_cpu() -> bool:
     number came out bit-identical (BENCHMARKS.md, "Compiling the study"). A level in the
     user's XLA_FLAGS wins, and with an accelerator plugin installed (or JAX_PLATFORMS
     naming an accelerator) nothing changes. Takes effect only before JAX starts its
-    backend: the study scripts call it right after importing this module (the benchmarks
-    do not: they time XLA's defaults). Returns whether it set the level.
+    backend: `define_study_flags`, which every study script calls at import, calls it
+    (the benchmarks do not: they time XLA's defaults). Returns whether it set the level.
     """
     xla_flags = os.environ.get("XLA_FLAGS", "")
     platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -112,9 +112,10 @@ def parse_flags(argv):
 def define_study_flags(config_file: str = "experiments/configs/reproduce.py"):
     """--config (the study's config file; default `config_file`, the embedded default),
     --workdir, --distributed, --jax_cache: the flags every study script shares. Returns
-    the holders."""
+    the holders. Also sets the scripts' CPU compile level (`compile_faster_on_cpu`)."""
     from ml_collections import config_flags
 
+    compile_faster_on_cpu()
     try:  # with a default config file, overrides like --config.attack.steps apply at import
         config = config_flags.DEFINE_config_file(
             "config", config_file, "Study config file (variants after a colon, e.g. :quick).")

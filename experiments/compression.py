@@ -22,8 +22,6 @@ from absl import app, logging
 
 from experiments import common
 
-common.compile_faster_on_cpu()  # before JAX starts: see its docstring
-
 CONFIG, WORKDIR, DISTRIBUTED, JAX_CACHE = common.define_study_flags()
 
 

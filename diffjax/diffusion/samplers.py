@@ -236,22 +236,13 @@ def _clip_passing_jvp(lo, hi, primals, tangents):
     return out, jnp.where(straight, dx, d_hard)
 
 
-def _clipper(clip_gradient: str, straight):
-    """The clip of a chain: plain `jnp.clip` for static hard clips, else `_clip_passing`
-    with the traced flag `straight` (or the static choice)."""
-    if straight is None:
-        if clip_gradient == "hard":
-            return jnp.clip
-        straight = jnp.bool_(True)
-    return lambda v, lo, hi: _clip_passing(v, straight, lo, hi)
-
-
-@functools.partial(jax.jit, static_argnames=("remat", "clip_gradient"))
-def run_chain_program(eps_fn, x, keys, chain: Chain, straight=None, *, remat: bool,
-                      clip_gradient: str):
+@functools.partial(jax.jit, static_argnames=("remat",))
+def run_chain_program(eps_fn, x, keys, chain: Chain, straight, *, remat: bool):
     """`run_chain`'s compiled program (no input checks): one per structure. `straight`: a
-    traced bool choosing the clips' gradient (overrides `clip_gradient`), or None."""
-    clip = _clipper(clip_gradient, straight)
+    bool array choosing the clips' gradient (data: both paths share the program)."""
+    def clip(v, lo, hi):
+        return _clip_passing(v, straight, lo, hi)
+
     xm = to_model_space(x)
     x_t = chain.x_scale * xm + chain.noise_scale * _per_example_normal(
         keys, 0, xm.shape[1:], xm.dtype)
@@ -286,10 +277,10 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradien
       chain: the chain's coefficients.
       remat: checkpoint each step (see `purify`).
       clip_gradient: one of `CLIP_GRADIENTS` (see `purify`).
-      straight: None, or a bool array (may be traced) that chooses the clips' gradient
-        as data: True is "straight_through", False "hard" (then `clip_gradient` is not
-        used). `make_purifier`'s purifiers pass it, so that an attack through either
-        gradient path is one compiled program.
+      straight: None (then `clip_gradient` chooses), or a bool array (may be traced):
+        True is "straight_through", False "hard". Either way the choice reaches the
+        compiled program as data, so both gradient paths are one program;
+        `make_purifier`'s purifiers carry it as a leaf.
 
     Returns:
       The purified images, `[B, H, W, C]` in [0, 1].
@@ -300,13 +291,13 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradien
         _checks.fail("chain", "a diffjax.diffusion.Chain (from make_chain)",
                      type(chain).__name__)
     _checks.check_choice(clip_gradient, "clip_gradient", CLIP_GRADIENTS)
-    if straight is not None:
-        straight = jnp.asarray(straight)
-        if straight.shape != () or straight.dtype != jnp.bool_:
-            _checks.fail("straight", "a bool scalar (or None)",
-                         f"dtype {straight.dtype} shape {straight.shape}")
+    straight = jnp.asarray(clip_gradient == "straight_through" if straight is None
+                           else straight)
+    if straight.shape != () or straight.dtype != jnp.bool_:
+        _checks.fail("straight", "a bool scalar (or None)",
+                     f"dtype {straight.dtype} shape {straight.shape}")
     return run_chain_program(_as_eps_partial(eps_fn), x, keys, chain, straight,
-                             remat=bool(remat), clip_gradient=clip_gradient)
+                             remat=bool(remat))
 
 
 def _as_eps_partial(eps_fn):
