@@ -68,6 +68,7 @@ def test_cases_agree_and_follow_schema(bench, tmp_path):
         r = res[name]
         assert "peer_compiled_error" not in r, r.get("peer_compiled_error")
         assert r["peer_compiled_max_abs_diff"] < 1e-4
+        assert r["peer_compiled_agrees"] is True
         assert r["peer_compiled_s"] > 0 and r["peer_compiled_first_call_s"] > 0
         assert r["ratio_compiled"] == pytest.approx(r["peer_compiled_s"] / r["diffjax_s"])
         assert "torch.compile" in r["peer_compiled_mode"]
@@ -249,3 +250,32 @@ def test_gpu_projection_and_time_budget(tmp_path):
     assert not called and b.meta["skipped"] == ["late_case"]
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert data["_meta"]["skipped"] == ["late_case"]
+
+
+def test_a_compiled_peer_that_computes_something_else_gets_no_ratio():
+    """The agreement gate: torch 2.13.0's inductor gave `grad_32` a gradient 20% off
+    (BENCHMARKS.md); such a peer is timed and shown, but no speed ratio is taken from it."""
+    ref = np.linspace(-1.0, 1.0, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 3)
+    good = torch.from_numpy(ref).permute(0, 3, 1, 2).contiguous()
+    wrong = good * 1.2
+    fake = types.SimpleNamespace(get=lambda model, bf16: (None, "default"), backend="b",
+                                 channels_last=False, errors=[])
+    got = {}
+    for name, out in (("same", good + 1e-6), ("wrong", wrong)):
+        rec = peer.CompiledPeers.measure(fake, None, False, lambda dev, out=out: out, ref, 2,
+                                         repeats=1, warmup=0, rtol=cases.COMPILED_RTOL)
+        assert rec["peer_compiled_rel_diff"] == pytest.approx(
+            np.abs(out.permute(0, 2, 3, 1).numpy() - ref).max() / np.abs(ref).max())
+        got[name] = rec
+    assert got["same"]["peer_compiled_agrees"] is True
+    assert got["wrong"]["peer_compiled_agrees"] is False
+    assert got["wrong"]["peer_compiled_rel_diff"] == pytest.approx(0.2)
+    b = types.SimpleNamespace(results={}, log=lambda s: None)
+    for name, rec in got.items():
+        cases.Bench.record(b, name, "a case", diffjax_s=0.5, peer_s=1.0, **rec)
+    assert b.results["same"]["ratio_compiled"] == pytest.approx(
+        got["same"]["peer_compiled_s"] / 0.5)
+    assert "ratio_compiled" not in b.results["wrong"]
+    table = report.markdown_table(b.results)
+    row = next(line for line in table.splitlines() if line.startswith("| `wrong`"))
+    assert "WRONG" in row and "20% of the output's max" in row

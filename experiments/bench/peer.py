@@ -310,7 +310,7 @@ class CompiledPeers:
         return self._models[key]
 
     def measure(self, model, bf16: bool, run, reference, batch: int, *, repeats: int,
-                warmup: int) -> dict:
+                warmup: int, rtol: float | None = None) -> dict:
         """Times ``run(compiled model)`` after checking its output against `reference`.
 
         Args:
@@ -321,10 +321,15 @@ class CompiledPeers:
           reference: NHWC NumPy output the first call is compared with.
           batch: images per call.
           repeats, warmup: as in `timing.median_time` (after the first, compiling call).
+          rtol: the largest ``max|out - reference| / max|reference|`` that counts as the
+            same computation (None: no judgement). A compiled peer that computes something
+            else is still timed, but ``peer_compiled_agrees`` is False and no ratio is
+            taken from it (`cases.Bench.record`).
 
         Returns:
           ``peer_compiled_s`` / ``_images_per_s`` (per image), ``_first_call_s`` (compile
-          and one run), ``_max_abs_diff`` (to `reference`), ``_mode``; or
+          and one run), ``_max_abs_diff`` (to `reference`), ``_rel_diff`` (that over
+          ``max|reference|``), ``_agrees`` (with `rtol`), ``_mode``; or
           ``peer_compiled_error`` when no mode worked.
         """
         from experiments.bench import timing
@@ -344,10 +349,13 @@ class CompiledPeers:
                     return {"peer_compiled_error": err}
                 dev, mode = self.get(model, bf16, mode=None)
         diff = float(np.abs(to_nhwc(out.float().cpu()) - reference).max())
+        rel = diff / max(float(np.abs(reference).max()), 1e-30)
         tc, _ = timing.median_time(lambda: run(dev), repeats=repeats, warmup=warmup,
                                    sync=cuda_sync)
+        agrees = {} if rtol is None else {"peer_compiled_agrees": bool(rel <= rtol)}
         return {"peer_compiled_s": tc / batch, "peer_compiled_images_per_s": batch / tc,
                 "peer_compiled_first_call_s": first, "peer_compiled_max_abs_diff": diff,
+                "peer_compiled_rel_diff": rel, **agrees,
                 "peer_compiled_mode": f"torch.compile(mode={mode!r}, backend={self.backend!r})"
                                       f", channels_last={self.channels_last}"}
 
