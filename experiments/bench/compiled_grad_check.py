@@ -19,8 +19,6 @@ import copy
 import json
 import sys
 
-import numpy as np
-
 
 def _grad_diff(fn, compiled, x, r) -> dict:
     import torch
