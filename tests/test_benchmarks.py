@@ -49,6 +49,29 @@ def test_converted_weights_agree_with_diffusers(bench):
     np.testing.assert_allclose(eps_t, eps_j, atol=1e-4 * np.abs(eps_j).max())
 
 
+def test_a_u_net_compiled_per_block_computes_the_eager_gradient(bench):
+    """`compiled_model(per_block=True)`: each down, mid and up block its own graph (here on
+    torch.compile's quick "eager" backend), the glue eager; the U-Net's output and input
+    gradient are the eager model's, and the original model is left as it was."""
+    m = bench.pair(SIZE).torch_model
+    dev, _ = peer.compiled_model(m, mode=None, backend="eager", per_block=True)
+    blocks = (*dev.model.down_blocks, dev.model.mid_block, *dev.model.up_blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert m.down_blocks[0]._compiled_call_impl is None
+    x = torch.randn(2, 3, SIZE.resolution, SIZE.resolution)
+    t = torch.full((2,), 3, dtype=torch.long)
+
+    def grad(f):
+        xg = x.clone().requires_grad_(True)
+        out = f(xg, t).sample
+        return out.detach(), torch.autograd.grad((out * out).sum(), xg)[0]
+
+    (o_e, g_e), (o_c, g_c) = grad(m), grad(dev)
+    assert float(g_e.abs().max()) > 1e-3
+    torch.testing.assert_close(o_c, o_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-5)
+
+
 def test_cases_agree_and_follow_schema(bench, tmp_path):
     bench.purify_case("purify", SIZE, batch=2, steps=3)
     bench.grad_case("grad", SIZE, batch=2, steps=6)
@@ -253,29 +276,46 @@ def test_gpu_projection_and_time_budget(tmp_path):
 
 
 def test_a_compiled_peer_that_computes_something_else_gets_no_ratio():
-    """The agreement gate: torch 2.13.0's inductor gave `grad_32` a gradient 20% off
-    (BENCHMARKS.md); such a peer is timed and shown, but no speed ratio is taken from it."""
+    """The agreement gate: torch 2.13.0's inductor gave `grad_32`'s whole U-Net a gradient
+    20% off (BENCHMARKS.md). Such a peer is compiled again block by block; if that copy
+    agrees it is the one timed, else the peer is shown but no speed ratio is taken."""
     ref = np.linspace(-1.0, 1.0, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 3)
     good = torch.from_numpy(ref).permute(0, 3, 1, 2).contiguous()
     wrong = good * 1.2
-    fake = types.SimpleNamespace(get=lambda model, bf16: (None, "default"), backend="b",
-                                 channels_last=False, errors=[])
+    asked = []
+
+    def get(model, bf16, mode="unset", per_block=False):
+        asked.append(per_block)
+        return ("block" if per_block else "whole"), "default"
+
+    fake = types.SimpleNamespace(get=get, backend="b", channels_last=False, errors=[])
+    runs = {"same": lambda dev: good + 1e-6,  # right as one graph
+            "fixed_per_block": lambda dev: wrong if dev == "whole" else good,
+            "wrong": lambda dev: wrong}  # wrong either way
     got = {}
-    for name, out in (("same", good + 1e-6), ("wrong", wrong)):
-        rec = peer.CompiledPeers.measure(fake, None, False, lambda dev, out=out: out, ref, 2,
-                                         repeats=1, warmup=0, rtol=cases.COMPILED_RTOL)
-        assert rec["peer_compiled_rel_diff"] == pytest.approx(
-            np.abs(out.permute(0, 2, 3, 1).numpy() - ref).max() / np.abs(ref).max())
-        got[name] = rec
+    for name, run in runs.items():
+        asked.clear()
+        got[name] = peer.CompiledPeers.measure(fake, None, False, run, ref, 2, repeats=1,
+                                               warmup=0, rtol=cases.COMPILED_RTOL)
+        assert asked == ([False] if name == "same" else [False, True]), name
     assert got["same"]["peer_compiled_agrees"] is True
+    assert got["same"]["peer_compiled_rel_diff"] == pytest.approx(1e-6, rel=0.1)
+    assert "peer_compiled_whole_rel_diff" not in got["same"]
+    fixed = got["fixed_per_block"]
+    assert fixed["peer_compiled_agrees"] is True and fixed["peer_compiled_rel_diff"] == 0
+    assert fixed["peer_compiled_whole_rel_diff"] == pytest.approx(0.2)
+    assert fixed["peer_compiled_mode"].endswith(", per block")
     assert got["wrong"]["peer_compiled_agrees"] is False
     assert got["wrong"]["peer_compiled_rel_diff"] == pytest.approx(0.2)
+    assert any("disagrees" in e["error"] for e in fake.errors)
     b = types.SimpleNamespace(results={}, log=lambda s: None)
     for name, rec in got.items():
         cases.Bench.record(b, name, "a case", diffjax_s=0.5, peer_s=1.0, **rec)
-    assert b.results["same"]["ratio_compiled"] == pytest.approx(
-        got["same"]["peer_compiled_s"] / 0.5)
+    for name in ("same", "fixed_per_block"):
+        assert b.results[name]["ratio_compiled"] == pytest.approx(
+            got[name]["peer_compiled_s"] / 0.5)
     assert "ratio_compiled" not in b.results["wrong"]
-    table = report.markdown_table(b.results)
-    row = next(line for line in table.splitlines() if line.startswith("| `wrong`"))
-    assert "WRONG" in row and "20% of the output's max" in row
+    rows = {line.split("`")[1]: line for line in report.markdown_table(b.results).splitlines()
+            if line.startswith("| `")}
+    assert "WRONG" in rows["wrong"] and "20% of the output's max" in rows["wrong"]
+    assert "compiled per block" in rows["fixed_per_block"] and "WRONG" not in rows["same"]

@@ -34,7 +34,9 @@ around ``torch.compile`` of the U-Net (`peer.CompiledPeers`) is also timed
 is compared with diffjax's (``peer_compiled_max_abs_diff``, ``peer_compiled_rel_diff``);
 its compile time is the first call's (``peer_compiled_first_call_s``). A compiled peer
 whose output differs by more than `COMPILED_RTOL` of its largest magnitude computes
-something else: ``peer_compiled_agrees`` is False and it gets no ratio. A failure is
+something else: the U-Net is then compiled block by block and checked again
+(``peer_compiled_whole_*`` keep the whole graph's difference); a peer that still
+disagrees has ``peer_compiled_agrees`` False and gets no ratio. A failure is
 recorded (``peer_compiled_error``), not hidden.
 """
 
@@ -246,6 +248,9 @@ class Bench:
         compiled = "" if "peer_compiled_s" not in res else (
             f" (compiled {fmt(res['peer_compiled_s'])} s/img, ratio "
             f"{fmt(res.get('ratio_compiled'))})")
+        if res.get("peer_compiled_whole_rel_diff") is not None:
+            compiled += (f" [per block: the whole graph was wrong by "
+                         f"{fmt(100 * res['peer_compiled_whole_rel_diff'])}% of max|out|]")
         if res.get("peer_compiled_agrees") is False:
             compiled = (f" (compiled {fmt(res['peer_compiled_s'])} s/img DISAGREES: max|diff| "
                         f"{fmt(res['peer_compiled_max_abs_diff'])}, "

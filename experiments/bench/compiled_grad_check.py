@@ -6,7 +6,9 @@ quarter-width CIFAR-10 one), the largest difference between the eager diffusers 
 input gradient ``d sum(eps * r) / dx`` and the same under ``torch.compile`` with each
 backend: "aot_eager_decomp_partition" (TorchDynamo + AOTAutograd's decompositions and
 partitioner, no code generation) and "inductor" (generated C++, what the suite's compiled
-peer uses). Also each block of the 32x32 U-Net compiled alone with inductor.
+peer uses), and the U-Net compiled block by block with inductor
+(`peer.compiled_model(per_block=True)`, the suite's fallback). Also each down block and
+the mid block of the 32x32 U-Net compiled alone with inductor.
 
 Why: the quick suite's ``grad_32`` compiled peer differed from diffjax and from the eager
 peer by 20% of the gradient's largest value while its forward agreed to 4e-7
@@ -37,7 +39,7 @@ def _grad_diff(fn, compiled, x, r) -> dict:
 def main(argv) -> dict:
     import torch
 
-    from experiments.bench import cases
+    from experiments.bench import cases, peer
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -55,6 +57,10 @@ def main(argv) -> dict:
             torch._dynamo.reset()
             cm = torch.compile(copy.deepcopy(m), backend=backend, dynamic=False)
             row[backend] = _grad_diff(whole, lambda v, cm=cm, t=t: cm(v, t).sample, x, r)
+        torch._dynamo.reset()
+        dev, _ = peer.compiled_model(m, mode=None, backend="inductor", per_block=True)
+        row["inductor_per_block"] = _grad_diff(whole, lambda v, t=t, dev=dev: dev(v, t).sample,
+                                               x, r)
         with torch.no_grad():
             torch._dynamo.reset()
             cm = torch.compile(copy.deepcopy(m), backend="inductor", dynamic=False)

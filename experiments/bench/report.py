@@ -85,6 +85,9 @@ def markdown_table(results: dict) -> str:
         if r.get("peer_extrapolated_from_rows"):
             what += f"; peer time extrapolated from {r['peer_extrapolated_from_rows']} rows"
         compiled = _fmt(r.get("peer_compiled_s"))
+        if r.get("peer_compiled_whole_rel_diff") is not None:
+            compiled += (f" (compiled per block: as one graph it was wrong by "
+                         f"{_fmt(100 * r['peer_compiled_whole_rel_diff'])}% of the max)")
         if r.get("peer_compiled_agrees") is False:
             compiled += (f" (WRONG: max abs diff {_fmt(r['peer_compiled_max_abs_diff'])}, "
                          f"{_fmt(100 * r['peer_compiled_rel_diff'])}% of the output's max)")
