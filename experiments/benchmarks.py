@@ -16,6 +16,7 @@ the results and what limits them: BENCHMARKS.md.
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 import time
 
@@ -23,6 +24,10 @@ from absl import app, flags
 
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmarks.json and benchmarks.md.",
                            required=True)
+flags.register_validator(
+    "out", lambda v: v is None or bool(v.strip()),
+    "--out: expected a directory for benchmarks.json and benchmarks.md, e.g. "
+    "--out=benchmarks/run1; got an empty value")
 _QUICK = flags.DEFINE_boolean("quick", False, "The quick suite (< 3 minutes on 2 cores).")
 _PROFILE = flags.DEFINE_boolean(
     "profile", None, "Also profile: FLOPs of the CIFAR-10 models (XLA cost analysis), the "
@@ -54,6 +59,12 @@ _BUDGET = flags.DEFINE_float(
 
 def main(argv):
     del argv
+    try:  # before minutes of cases: an output directory that cannot be made fails now
+        pathlib.Path(_OUT.value).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out: cannot create the directory {_OUT.value!r} ({e}); give a "
+              "writable directory, e.g. --out=benchmarks/run1", file=sys.stderr, flush=True)
+        sys.exit(1)
     if _SIZE.value in ("gpu", "gpu_smoke"):
         return _main_gpu(_SIZE.value)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -158,4 +169,6 @@ def _profile(settings, results, info) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from experiments import common
+
+    app.run(main, flags_parser=common.parse_flags)

@@ -319,3 +319,19 @@ def test_a_compiled_peer_that_computes_something_else_gets_no_ratio():
             if line.startswith("| `")}
     assert "WRONG" in rows["wrong"] and "20% of the output's max" in rows["wrong"]
     assert "compiled per block" in rows["fixed_per_block"] and "WRONG" not in rows["same"]
+
+
+@pytest.mark.parametrize("out,needle", [("", "--out: expected a directory"),
+                                        ("FILE", "--out: cannot create the directory")])
+def test_benchmarks_with_a_bad_out_stop_at_once_in_one_line(out, needle, tmp_path):
+    """An empty or unusable --out ends before any case runs (not after minutes of them)."""
+    from conftest import run_module
+
+    if out == "FILE":
+        (tmp_path / "a_file").write_text("x")
+        out = str(tmp_path / "a_file" / "run")
+    proc = run_module("benchmarks", "--quick", f"--out={out}", check=False, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], proc.stderr
+    assert "benchmarks (quick)" not in proc.stdout  # no case started
