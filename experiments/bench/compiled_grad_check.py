@@ -17,7 +17,6 @@ peer by 20% of the gradient's largest value while its forward agreed to 4e-7
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
@@ -46,45 +45,45 @@ def main(argv) -> dict:
     s = cases.Settings(name="check")
     b = cases.Bench(s, log=lambda m: None)
     out = {"torch": torch.__version__, "models": {}}
+
+    def compiled(m, backend, per_block=False):  # the suite's own compile of a fresh copy
+        torch._dynamo.reset()
+        return peer.compiled_model(m, mode=None, backend=backend, per_block=per_block)[0]
+
     for label, size in (("8x8", s.size), ("32x32", s.res32_size)):
         m = b.pair(size).torch_model
         x = torch.randn(2, size.channels, size.resolution, size.resolution)
         r = torch.randn_like(x)
         t = torch.full((2,), 90, dtype=torch.long)
-        whole = lambda v, m=m, t=t: m(v, t).sample
         row = {}
-        for backend in ("aot_eager_decomp_partition", "inductor"):
-            torch._dynamo.reset()
-            cm = torch.compile(copy.deepcopy(m), backend=backend, dynamic=False)
-            row[backend] = _grad_diff(whole, lambda v, cm=cm, t=t: cm(v, t).sample, x, r)
-        torch._dynamo.reset()
-        dev, _ = peer.compiled_model(m, mode=None, backend="inductor", per_block=True)
-        row["inductor_per_block"] = _grad_diff(whole, lambda v, t=t, dev=dev: dev(v, t).sample,
-                                               x, r)
+        for name, backend, per_block in (
+                ("aot_eager_decomp_partition", "aot_eager_decomp_partition", False),
+                ("inductor", "inductor", False), ("inductor_per_block", "inductor", True)):
+            dev = compiled(m, backend, per_block)
+            row[name] = _grad_diff(lambda v, m=m, t=t: m(v, t).sample,
+                                   lambda v, dev=dev, t=t: dev(v, t).sample, x, r)
+        dev = compiled(m, "inductor")
         with torch.no_grad():
-            torch._dynamo.reset()
-            cm = torch.compile(copy.deepcopy(m), backend="inductor", dynamic=False)
-            fwd = float((whole(x) - cm(x, t).sample).abs().max())
-        row["inductor_forward_max_abs_diff"] = fwd
+            row["inductor_forward_max_abs_diff"] = float(
+                (m(x, t).sample - dev(x, t).sample).abs().max())
         out["models"][label] = row
-    # The 32x32 U-Net's blocks, each compiled alone with inductor.
+    # The 32x32 U-Net's down blocks and mid block, each compiled alone with inductor.
     m = b.pair(s.res32_size).torch_model
     temb = torch.randn(2, m.time_embedding.linear_2.out_features)
+    res = s.res32_size.resolution
     blocks = {}
-    res, ch = s.res32_size.resolution, m.conv_in.out_channels
-    for i, blk in enumerate(m.down_blocks):
-        f = lambda v, blk=blk: blk(v, temb)[0]
-        x = torch.randn(2, blk.resnets[0].in_channels, res >> i, res >> i)
+
+    def check_block(name, f, channels, size):
+        x = torch.randn(2, channels, size, size)
         torch._dynamo.reset()
-        blocks[f"down_blocks.{i}"] = _grad_diff(f, torch.compile(f, backend="inductor"), x,
-                                                torch.randn_like(f(x)))
-    mid = m.mid_block
-    ch = mid.resnets[0].in_channels
-    x = torch.randn(2, ch, res >> (len(m.down_blocks) - 1), res >> (len(m.down_blocks) - 1))
-    f = lambda v: mid(v, temb)
-    torch._dynamo.reset()
-    blocks["mid_block"] = _grad_diff(f, torch.compile(f, backend="inductor"), x,
-                                     torch.randn_like(f(x)))
+        blocks[name] = _grad_diff(f, torch.compile(f, backend="inductor"), x,
+                                  torch.randn_like(f(x)))
+
+    for i, blk in enumerate(m.down_blocks):
+        check_block(f"down_blocks.{i}", lambda v, blk=blk: blk(v, temb)[0],
+                    blk.resnets[0].in_channels, res >> i)
+    check_block("mid_block", lambda v: m.mid_block(v, temb),
+                m.mid_block.resnets[0].in_channels, res >> (len(m.down_blocks) - 1))
     out["blocks_32x32_inductor"] = blocks
     text = json.dumps(out, indent=1)
     print(text)

@@ -348,13 +348,19 @@ class CompiledPeers:
         """
         from experiments.bench import timing
 
+        scale = max(float(np.abs(reference).max()), 1e-30)
+
+        def first_call(dev):  # (seconds of the first, compiling call; its max abs diff)
+            t0 = time.perf_counter()
+            out = run(dev)
+            cuda_sync()
+            first = time.perf_counter() - t0
+            return first, float(np.abs(to_nhwc(out.float().cpu()) - reference).max())
+
         dev, mode = self.get(model, bf16)
         for attempt in range(2):
             try:
-                t0 = time.perf_counter()
-                out = run(dev)
-                cuda_sync()
-                first = time.perf_counter() - t0
+                first, diff = first_call(dev)
                 break
             except Exception as e:  # noqa: BLE001 - recorded; the default mode is tried next
                 err = f"{type(e).__name__}: {e}"[:1000]
@@ -362,8 +368,6 @@ class CompiledPeers:
                 if attempt or mode is None:
                     return {"peer_compiled_error": err}
                 dev, mode = self.get(model, bf16, mode=None)
-        scale = max(float(np.abs(reference).max()), 1e-30)
-        diff = float(np.abs(to_nhwc(out.float().cpu()) - reference).max())
         rel, how, whole = diff / scale, "", {}
         if rtol is not None and rel > rtol:  # wrong as one graph: try block by block
             whole = {"peer_compiled_whole_max_abs_diff": diff,
@@ -373,16 +377,12 @@ class CompiledPeers:
                 "of the output's max); compiled per block instead")})
             try:
                 dev_b, _ = self.get(model, bf16, mode=mode, per_block=True)
-                t0 = time.perf_counter()
-                out_b = run(dev_b)
-                cuda_sync()
-                first_b = time.perf_counter() - t0
+                first_b, diff_b = first_call(dev_b)
             except Exception as e:  # noqa: BLE001 - recorded; the whole graph is reported
                 self.errors.append({"mode": mode, "bf16": bf16, "per_block": True,
                                     "error": f"{type(e).__name__}: {e}"[:1000]})
             else:
-                dev, first, how = dev_b, first_b, ", per block"
-                diff = float(np.abs(to_nhwc(out_b.float().cpu()) - reference).max())
+                dev, first, diff, how = dev_b, first_b, diff_b, ", per block"
                 rel = diff / scale
         tc, _ = timing.median_time(lambda: run(dev), repeats=repeats, warmup=warmup,
                                    sync=cuda_sync)
