@@ -63,6 +63,12 @@ def test_results_schema_intervals_tests_and_figures(tiny):
         r = ra[m]
         for p in ("fixed", "transfer", "independent_eot"):
             assert r[f"{p}_ci"][0] <= r[p] <= r[f"{p}_ci"][1]
+        # Every accuracy has its interval, the means over draws (bootstrap) included.
+        accuracies = [k for k, v in r.items() if isinstance(v, float) and not k.endswith("_ci")]
+        assert {"transfer_mean_over_draws", "independent_mean_over_draws"} <= set(accuracies)
+        for k in accuracies:
+            lo, hi = r[f"{k}_ci"]
+            assert 0.0 <= lo <= r[k] <= hi <= 1.0, k
         for test in ("test_fixed_vs_transfer", "test_fixed_vs_independent"):
             assert 0.0 <= r[test]["p_value"] <= 1.0 and r[test]["n"] == 8
         d = out["distances"][m]

@@ -98,7 +98,7 @@ def render_markdown(res: dict) -> str:
         r = ra[m]
         gc = res["gradient_correlation_detail"].get(m, {})
         rows.append([m, _acc(ca, m), _acc(r, "fixed"), _acc(r, "transfer"),
-                     _acc(r, "independent_eot"), _pct(r.get("independent_mean_over_draws")),
+                     _acc(r, "independent_eot"), _acc(r, "independent_mean_over_draws"),
                      f"{gc.get('mean', float('nan')):.3f}",
                      f"{_p(r['test_fixed_vs_independent']['p_value'])} / "
                      f"{_p(r['test_fixed_vs_transfer']['p_value'])}"])

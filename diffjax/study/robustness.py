@@ -20,6 +20,7 @@ per-example results (and the images of the first few examples, for the figure).
 from __future__ import annotations
 
 import functools
+import zlib
 
 import jax
 import numpy as np
@@ -30,11 +31,12 @@ from diffjax.attacks import evaluation
 from diffjax.study import distances
 from diffjax.study.context import UNDEFENDED, Study
 
-__all__ = ["part_name", "attack_part", "put_accuracy", "robust", "robust_undefended",
+__all__ = ["part_name", "attack_part", "put_accuracy", "put_mean", "robust", "robust_undefended",
            "clean_accuracy", "gradient_correlation", "realization_check", "FIGURE_EXAMPLES"]
 
 FIGURE_EXAMPLES = 6
 CORRELATION_SALT = 0xC0_0001
+MEAN_OVER_DRAWS_SALT = 0xC0_0002
 
 
 def part_name(method: str, t_star: int | None, stream: str, n: int | None = None,
@@ -161,6 +163,16 @@ def put_accuracy(out: dict, name: str, correct) -> dict:
     return out
 
 
+def put_mean(out: dict, name: str, per_example, key) -> dict:
+    """`out[name]` = the mean of per-example fractions (e.g. the fraction of evaluation
+    draws an example survives), `out[name + "_ci"]` its 95% percentile-bootstrap interval
+    over the examples: not a binomial proportion, so no Wilson interval."""
+    v = np.asarray(per_example, np.float64)
+    boot = stats.bootstrap_ci(np.mean, v, key=key)
+    out[name], out[f"{name}_ci"] = float(v.mean()), [boot["lo"], boot["hi"]]
+    return out
+
+
 def robust_undefended(study: Study) -> dict:
     """The undefended classifier under the config's `attack_undefended` cascade."""
     p = attack_part(study, UNDEFENDED)
@@ -187,9 +199,13 @@ def robust(study: Study, method: str) -> dict:
                     ("transfer_worst_over_draws", fixed["transfer_adv_correct_worst"]),
                     ("independent_worst_over_draws", fresh["independent_adv_correct_worst"])):
         put_accuracy(out, name, v)
+    salt = jax.random.fold_in(jax.random.fold_in(study.root, MEAN_OVER_DRAWS_SALT),
+                              zlib.crc32(method.encode()))
+    for j, (name, v) in enumerate((
+            ("transfer_mean_over_draws", fixed["transfer_adv_correct_mean"]),
+            ("independent_mean_over_draws", fresh["independent_adv_correct_mean"]))):
+        put_mean(out, name, v, jax.random.fold_in(salt, j))
     out.update({
-        "transfer_mean_over_draws": float(np.mean(fixed["transfer_adv_correct_mean"])),
-        "independent_mean_over_draws": float(np.mean(fresh["independent_adv_correct_mean"])),
         "fuzzy_robustness_histogram": np.histogram(fresh["independent_adv_correct_mean"],
                                                    bins=10, range=(0, 1))[0].tolist(),
         # Paired exact tests on the same examples (one-sided: the paper's direction).
