@@ -1,6 +1,7 @@
 r"""The whole study on the embedded default (sklearn digits, shipped checkpoints).
 
-Run (10 min 10 s on an idle 2-core CPU from a cold start; `:quick` 87 s):
+Run (from a cold start on an idle 2-core CPU: 10 min 10 s on an Intel Xeon, 8 min 33 s on an
+AMD EPYC; `:quick` 80-90 s on either):
 
     python -m experiments.reproduce --workdir=workdir/study
     python -m experiments.reproduce --workdir=workdir/quick \
