@@ -1,13 +1,16 @@
-"""What every experiment script shares: one-line errors and timestamped progress lines."""
+"""What every experiment script shares: one-line errors, timestamped progress lines, the
+study scripts' and the training scripts' flags, and the training scripts' main and export."""
 
 import contextlib
 import importlib.util
 import os
+import pathlib
 import re
+import shlex
 import sys
 import time
 
-from absl import flags
+from absl import flags, logging
 
 _START = time.time()
 
@@ -107,6 +110,59 @@ def parse_flags(argv):
               file=sys.stderr, flush=True)
         sys.exit(1)
     return rest
+
+
+def define_train_flags():
+    """The training scripts' flags: ``--config``, ``--workdir``, ``--export_dir``,
+    ``--progress`` (in that order)."""
+    from ml_collections import config_flags
+
+    return (config_flags.DEFINE_config_file("config", None,
+                                            "A config file (experiments/configs)."),
+            flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs."),
+            flags.DEFINE_string("export_dir", "", "Write the trained EMA model here."),
+            flags.DEFINE_bool("progress", True, "Show a progress bar."))
+
+
+def script_command(module: str) -> str:
+    """The command line that ran `module` (``python -m MODULE FLAGS...``), for metadata."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def export_ema(export_dir: str, module: str, config, model_cfg: dict, variables, metrics,
+               *, schedule: dict | None = None, **meta):
+    """Writes a trained model's EMA weights with `diffjax.pretrained.save`, the command,
+    dataset, metrics, training config and seed in its metadata (plus `meta`); prints and
+    returns the directory."""
+    import jax
+
+    from diffjax import pretrained
+
+    out = pretrained.save(
+        export_dir, kind=config.model.kind, config=model_cfg, variables=variables,
+        name=pathlib.Path(export_dir).name, schedule=schedule,
+        meta={"command": script_command(module), "dataset": config.dataset,
+              "metrics": metrics, "train": config.train.to_dict(), **meta,
+              "seed": config.seed, "params": "ema", "jax_version": jax.__version__})
+    print(f"exported the EMA model to {out}")
+    return out
+
+
+def train_main(argv, run, config_holders, example_config: str) -> None:
+    """The training scripts' `main`: checks the flags, runs `run(config, workdir,
+    export_dir, progress)`, and ends bad input with one `error:` line (exit 1)."""
+    config, workdir, export_dir, progress = config_holders
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
+    if not workdir.value:
+        sys.exit("error: --workdir is required (checkpoints go to WORKDIR/checkpoints)")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+        if config.value is None:
+            sys.exit(f"error: --config is required, e.g. --config={example_config}")
+        run(config.value, workdir.value, export_dir.value, progress.value)
+    except (ValueError, OSError, KeyError) as e:  # OSError: missing files, bad paths
+        sys.exit(f"error: {one_line(e)}")
 
 
 def define_study_flags(config_file: str = "experiments/configs/reproduce.py"):

@@ -15,23 +15,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shlex
-import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (experiments/configs).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-_EXPORT = flags.DEFINE_string("export_dir", "", "Write the trained EMA model here.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-def _command() -> str:
-    return shlex.join(["python", "-m", "experiments.train_diffusion", *sys.argv[1:]])
+_FLAGS = common.define_train_flags()
 
 
 def _schedule(config):
@@ -124,7 +114,7 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
     import jax
     import numpy as np
 
-    from diffjax import data, models, pretrained, train
+    from diffjax import data, models, train
 
     t_start = time.perf_counter()
     key = jax.random.key(config.seed)
@@ -193,31 +183,13 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
         metrics["samples_png"] = config.eval.samples_png
         metrics["sample_steps"] = config.eval.sample_steps
         print(f"wrote {config.eval.num_samples} samples to {config.eval.samples_png}")
-    sched = dict(config.schedule)
-    out = pretrained.save(
-        export_dir, kind=config.model.kind, config=model_cfg, variables=host_vars,
-        name=pathlib.Path(export_dir).name, schedule=sched,
-        meta={"command": _command(), "dataset": config.dataset, "metrics": metrics,
-              "train": config.train.to_dict(), "seed": config.seed, "params": "ema",
-              "jax_version": jax.__version__})
-    print(f"exported the EMA model to {out}")
+    common.export_ema(export_dir, "experiments.train_diffusion", config, model_cfg, host_vars,
+                      metrics, schedule=dict(config.schedule))
     return metrics
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
-    if not _WORKDIR.value:
-        sys.exit("error: --workdir is required (checkpoints go to WORKDIR/checkpoints)")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-        config = _CONFIG.value
-        if config is None:
-            sys.exit("error: --config is required, e.g. --config=experiments/configs/"
-                     "digits_ddpm.py")
-        run(config, _WORKDIR.value, _EXPORT.value, _PROGRESS.value)
-    except (ValueError, OSError, KeyError) as e:  # OSError: missing files, bad paths
-        sys.exit(f"error: {common.one_line(e)}")
+    common.train_main(argv, run, _FLAGS, "experiments/configs/digits_ddpm.py")
 
 
 if __name__ == "__main__":

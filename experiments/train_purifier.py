@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shlex
-import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
 from experiments import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (experiments/configs).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-_EXPORT = flags.DEFINE_string("export_dir", "", "Write the trained EMA model here.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-def _command() -> str:
-    return shlex.join(["python", "-m", "experiments.train_purifier", *sys.argv[1:]])
+_FLAGS = common.define_train_flags()
 
 
 def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> dict:
@@ -114,30 +104,13 @@ def run(config, workdir: str, export_dir: str = "", progress: bool = True) -> di
           f"{evaluation['compression_rate']:.4f} (top singular value "
           f"{evaluation['top_singular_value']:.3f})")
     if export_dir:
-        out = pretrained.save(
-            export_dir, kind=config.model.kind, config=model_cfg, variables=host_vars,
-            name=pathlib.Path(export_dir).name,
-            meta={"command": _command(), "dataset": config.dataset, "metrics": metrics,
-                  "train": config.train.to_dict(), "objective": config.objective.to_dict(),
-                  "seed": config.seed, "params": "ema", "jax_version": jax.__version__})
-        print(f"exported the EMA model to {out}")
+        common.export_ema(export_dir, "experiments.train_purifier", config, model_cfg,
+                          host_vars, metrics, objective=config.objective.to_dict())
     return metrics
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are --name=value)")
-    if not _WORKDIR.value:
-        sys.exit("error: --workdir is required (checkpoints go to WORKDIR/checkpoints)")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-        config = _CONFIG.value
-        if config is None:
-            sys.exit("error: --config is required, e.g. --config=experiments/configs/"
-                     "digits_purifier.py")
-        run(config, _WORKDIR.value, _EXPORT.value, _PROGRESS.value)
-    except (ValueError, OSError, KeyError) as e:  # OSError: missing files, bad paths
-        sys.exit(f"error: {common.one_line(e)}")
+    common.train_main(argv, run, _FLAGS, "experiments/configs/digits_purifier.py")
 
 
 if __name__ == "__main__":

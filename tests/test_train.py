@@ -269,6 +269,9 @@ def test_scripts_train_resume_and_export(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
     c = pretrained.load(tmp_path / "clf")
     assert c.meta["meta"]["metrics"]["eval_examples"] == 64
+    meta = c.meta["meta"]
+    assert meta["command"].startswith("python -m experiments.train_classifier --config=")
+    assert meta["seed"] == 0 and meta["train"]["steps"] == 3 and meta["params"] == "ema"
     assert c.logits_fn(jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
 
 
@@ -278,8 +281,13 @@ def test_scripts_bad_flags_one_line_error(tmp_path):
         _script("train_classifier", "--config=experiments/configs/digits_classifier.py:quick",
                 f"--workdir={tmp_path}", "--config.train.stepz=3"),
         _script("train_classifier", "--config=experiments/configs/digits_classifier.py:quick"),
+        _script("train_classifier", f"--workdir={tmp_path}"),
+        _script("train_purifier", f"--workdir={tmp_path}", "extra"),
     ]
-    for p, expect in zip(procs, ["nope.py", "stepz", "--workdir"], strict=True):
+    expected = ["nope.py", "stepz", "--workdir",
+                "--config is required, e.g. --config=experiments/configs/digits_classifier.py",
+                "unexpected arguments ['extra']"]
+    for p, expect in zip(procs, expected, strict=True):
         rc, out, err = _finish(p, 120)
         assert rc == 1
         lines = [ln for ln in err.splitlines() if ln.strip()]
