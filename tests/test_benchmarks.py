@@ -335,3 +335,20 @@ def test_benchmarks_with_a_bad_out_stop_at_once_in_one_line(out, needle, tmp_pat
     assert proc.returncode == 1, proc.stderr
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], proc.stderr
     assert "benchmarks (quick)" not in proc.stdout  # no case started
+
+
+def test_unet_profile_attributes_ops_to_layers_and_never_counts_time_twice():
+    from experiments.bench import unet_cpu_profile as prof
+
+    assert prof._union([(0, 2), (1, 3), (5, 6)]) == 4.0  # overlapping pieces count once
+    assert prof._union([]) == 0.0
+    assert prof._kind("jvp(UNet)/up_1_attn_0/bqk,bkc->bqc/dot_general") == "attention"
+    assert prof._kind("transpose(jvp(UNet))/down_0_block_0/conv1/cond/rev") == "convolution"
+    assert prof._kind("jvp(UNet)/up_0_block_1/jit(silu)/div") == "silu"
+    assert prof._kind("jvp(UNet)/mid_block_1/norm2/sub") == "group norm"
+    assert prof._kind("jvp(UNet)/temb_dense0/dot_general") == "other"
+    r = prof.profile("tiny", batch=1, calls=1)
+    parts = r["ms_per_call"]
+    assert set(parts) == set(prof.KINDS) and parts["convolution"] > 0
+    assert r["covered_ms"] <= sum(parts.values()) + 1e-6  # kinds may overlap, not exceed
+    assert r["covered_ms"] + r["between_ops_ms"] == pytest.approx(r["wall_ms"])
