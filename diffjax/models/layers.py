@@ -42,7 +42,10 @@ of one head made XLA transpose its operands around every product), and on the CP
 softmax whose max and sum are single variadic reductions (XLA's own reduction emitter;
 YNNPACK took the one-operand reductions at 1.5 ms for a 4 x 256 x 256 max). The
 attention core (batch 4, 256 positions, 64 channels) went from 1.74 / 3.83 ms (forward /
-input-gradient) to 0.87 / 2.07 ms; PyTorch's fused CPU attention takes 0.70 / 2.07.
+input-gradient) to 0.87 / 2.07 ms; PyTorch's fused CPU attention takes 0.70 / 2.07. Inside
+the 32x32 U-Net's input-gradient, though, XLA hands YNNPACK one fusion of the ``QK^T``
+product, the scale, the max (there a one-operand reduce) and the exponential
+(BENCHMARKS.md, "Where the 32x32 gradient's time goes on the EPYC").
 
 `GroupNorm` is `flax.linen.GroupNorm`'s function (fast variance, float32 statistics) with
 the same parameters, its statistics taken as per-channel sums over the positions first and
