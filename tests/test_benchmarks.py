@@ -352,3 +352,6 @@ def test_unet_profile_attributes_ops_to_layers_and_never_counts_time_twice():
     assert set(parts) == set(prof.KINDS) and parts["convolution"] > 0
     assert r["covered_ms"] <= sum(parts.values()) + 1e-6  # kinds may overlap, not exceed
     assert r["covered_ms"] + r["between_ops_ms"] == pytest.approx(r["wall_ms"])
+    from absl import flags
+
+    assert "batch" not in flags.FLAGS  # importing the tool defines no flags (shared workers)

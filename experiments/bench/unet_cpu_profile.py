@@ -28,10 +28,6 @@ import time
 
 from absl import app, flags
 
-_SIZE = flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Images per call.", lower_bound=1)
-_OUT = flags.DEFINE_string("out", "", "Write the result here as JSON too.")
-
 KINDS = ("convolution", "attention", "group norm", "silu", "other")
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt")
 
@@ -106,21 +102,30 @@ def _union(spans) -> float:
     return total
 
 
+def _define_flags() -> None:
+    # Only when run as a script: the tests import `profile` beside other scripts' flags.
+    flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
+    flags.DEFINE_integer("batch", 8, "Images per call.", lower_bound=1)
+    flags.DEFINE_string("out", "", "Write the result here as JSON too.")
+
+
 def main(argv):
     del argv
-    r = profile(_SIZE.value, _BATCH.value)
+    out = flags.FLAGS.out
+    r = profile(flags.FLAGS.size, flags.FLAGS.batch)
     print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}): {r['wall_ms']:.1f} ms per "
           f"call, {r['op_events_per_call']} op events")
     for k, v in (*r["ms_per_call"].items(), ("any op", r["covered_ms"]),
                  ("between ops", r["between_ops_ms"])):
         print(f"  {k:12s} {v:7.1f} ms  {100 * v / r['wall_ms']:5.1f}%")
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(r, f, indent=1)
-        print(f"wrote {_OUT.value}")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
     from experiments import common
 
+    _define_flags()
     sys.exit(app.run(main, flags_parser=common.parse_flags))
