@@ -10,8 +10,8 @@ CIFAR-10 architecture at a quarter width, 32x32x3, the ``grad_32`` model; ``tiny
 its HLO op came from (the optimised HLO's ``op_name`` metadata): convolutions, attention,
 GroupNorm, SiLU, other: the time during which at least one op of that kind runs (an op
 split over threads emits one event per thread). ``between ops`` is the wall time per
-call that no op event covers: scheduling between ops and between the parallel pieces of
-one op, which this reading cannot tell apart. A reading, not a test: the shares say where
+call that no op event covers: time between ops or between the parallel pieces of one op,
+which this reading cannot tell apart. A reading, not a test: the shares say where
 work would pay, not what a change would save.
 """
 
@@ -29,7 +29,8 @@ import time
 from absl import app, flags
 
 KINDS = ("convolution", "attention", "group norm", "silu", "other")
-_SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt")
+_SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt",
+         "ThreadpoolListener", "end: ")  # executor spans and zero-length markers
 
 
 def _kind(op_name: str) -> str:
