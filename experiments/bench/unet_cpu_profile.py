@@ -22,7 +22,6 @@ import glob
 import gzip
 import json
 import re
-import sys
 import tempfile
 import time
 
@@ -129,4 +128,4 @@ if __name__ == "__main__":
     from experiments import common
 
     _define_flags()
-    sys.exit(app.run(main, flags_parser=common.parse_flags))
+    app.run(main, flags_parser=common.parse_flags)
