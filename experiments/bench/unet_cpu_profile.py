@@ -1,23 +1,31 @@
 r"""Where one U-Net input-gradient spends its time on XLA:CPU, by layer kind.
 
     python -m experiments.bench.unet_cpu_profile [--size=quarter|tiny] [--batch=8] \
-        [--out=FILE.json]
+        [--peer] [--out=FILE.json]
 
 Compiles ``x -> grad(sum(eps(x, t)^2))`` for the suite's U-Net (``quarter``: Ho et al.'s
 CIFAR-10 architecture at a quarter width, 32x32x3, the ``grad_32`` model; ``tiny``: the
 8x8 suite model), times it (median of 5), then traces 3 calls with `jax.profiler`
-(``create_perfetto_trace``) and sums the duration of every XLA:CPU op event by the layer
-its HLO op came from (the optimised HLO's ``op_name`` metadata): convolutions, attention,
-GroupNorm, SiLU, other: the time during which at least one op of that kind runs (an op
-split over threads emits one event per thread). ``between ops`` is the wall time per
-call that no op event covers: time between ops or between the parallel pieces of one op,
-which this reading cannot tell apart. A reading, not a test: the shares say where
-work would pay, not what a change would save.
+(``create_perfetto_trace``) and splits each call's time by the layer its XLA:CPU op
+events came from (the optimised HLO's ``op_name`` metadata): convolutions, attention,
+GroupNorm, SiLU, other. A kind's own time is the union of its events (an op split over
+threads emits one event per thread). An op event can end before its work does: XLA:CPU's
+convolution thunk hands the convolution to Eigen's thread pool and returns (one 3x3
+convolution at 8x32x32x64: a 28-44 us event, then 4-5 ms until the next op starts), so a
+stretch with no op event running is charged to the kind of the op that ended last before
+it (``after``). The kinds' totals cover the traced call (more, where independent ops of
+two kinds run at once on two threads). A reading, not a test: the shares say where work
+would pay, not what a change would save.
+
+``--peer`` profiles the eager PyTorch peer's same computation too (the suite's diffusers
+U-Net, 2 torch threads, ``torch.profiler``), its aten ops' self time grouped into the same
+kinds (``mkldnn_convolution``/``convolution_backward``; scaled-dot-product attention and
+the projections' ``bmm``; ``native_group_norm``; ``silu``), so each kind's time can be set
+beside PyTorch's.
 """
 
 from __future__ import annotations
 
-import collections
 import glob
 import gzip
 import json
@@ -28,6 +36,7 @@ import time
 from absl import app, flags
 
 KINDS = ("convolution", "attention", "group norm", "silu", "other")
+_WAIT = "ThunkExecutor::Execute (wait for completion)"  # one per call, to its end
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt",
          "ThreadpoolListener", "end: ")  # executor spans and zero-length markers
 
@@ -75,21 +84,125 @@ def profile(size: str = "quarter", batch: int = 8, calls: int = 3) -> dict:
         trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz",
                                               recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    spans = collections.defaultdict(list)
+    r = attribute(events, lambda name: _kind(op_names.get(name, "")))
+    return {"size": size, "batch": batch, "wall_ms": float(np.median(times)) * 1e3, **r,
+            "jax": jax.__version__}
+
+
+def _peer_kind(aten_name: str) -> str:
+    if "convolution" in aten_name:
+        return "convolution"
+    if any(k in aten_name for k in ("scaled_dot_product", "bmm", "softmax")):
+        return "attention"
+    if "group_norm" in aten_name:
+        return "group norm"
+    if "silu" in aten_name:
+        return "silu"
+    return "other"
+
+
+def peer_profile(size: str = "quarter", batch: int = 8, calls: int = 3,
+                 threads: int = 2) -> dict:
+    """The eager peer's input-gradient: its median time and its aten ops' self time per
+    call by kind (`_peer_kind`), on `threads` torch threads."""
+    import torch
+
+    from experiments.bench import cases, models
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _peer_profile(torch, cases, models, size, batch, calls)
+    finally:
+        torch.set_num_threads(before)  # a test's worker keeps its own setting
+
+
+def _peer_profile(torch, cases, models, size, batch, calls) -> dict:
+    import numpy as np
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    s = cases.quick_settings()
+    unet = models.cifar10_quarter_size() if size == "quarter" else s.size
+    model = cases.Bench(s, log=lambda m: None).pair(unet).torch_model
+    x = torch.from_numpy(np.random.RandomState(0).rand(
+        batch, unet.channels, unet.resolution, unet.resolution).astype(np.float32))
+    t = torch.full((batch,), 50)
+
+    def grad():
+        z = x.clone().requires_grad_(True)
+        (model(z, t).sample ** 2).sum().backward()
+        return z.grad
+
+    grad()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        grad()
+        times.append(time.perf_counter() - t0)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            grad()
+    ms = dict.fromkeys(KINDS, 0.0)
+    for a in prof.key_averages():
+        ms[_peer_kind(a.key)] += a.self_cpu_time_total / calls / 1e3
+    return {"wall_ms": float(np.median(times)) * 1e3, "ms_per_call": ms,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def attribute(events, kind_of) -> dict:
+    """Splits the traced calls' time by layer kind (module doc); `kind_of(event name)`.
+
+    Each call spans from its first op event to the end of the executor's wait for
+    completion. ``ms_per_call[kind]``: the union of that kind's op events. An op event
+    can end before its work does: XLA:CPU's convolution thunk hands the convolution to
+    Eigen's thread pool and returns, and the next op starts when it completes. So each
+    stretch of a call with no op event running is charged to the kind of the op event
+    that ended last before it (``after_ms_per_call``); ``total_ms_per_call`` is the sum.
+    ``covered_ms + between_ops_ms == traced_ms``; the kinds' totals add up to at least
+    ``traced_ms`` (more where ops of two kinds run at once)."""
+    ops, waits = [], []
     for e in events:
-        if e.get("ph") != "X" or "dur" not in e or e["name"].startswith(_SKIP):
+        if e.get("ph") != "X" or "dur" not in e:
             continue
         span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        spans[_kind(op_names.get(e["name"], ""))].append(span)
-        spans["any"].append(span)
-    wall_ms = float(np.median(times)) * 1e3
-    # An op split over threads gives one event per thread: count the time during which at
-    # least one op event of a kind runs (the union of its intervals), not their sum.
-    ms = {k: _union(spans[k]) / calls / 1e3 for k in KINDS}
-    covered = _union(spans["any"]) / calls / 1e3
-    return {"size": size, "batch": batch, "wall_ms": wall_ms, "ms_per_call": ms,
-            "covered_ms": covered, "between_ops_ms": wall_ms - covered,
-            "op_events_per_call": len(spans["any"]) // calls, "jax": jax.__version__}
+        if e["name"].startswith(_WAIT):
+            waits.append(span)
+        elif not e["name"].startswith(_SKIP) and span[1] > span[0]:
+            ops.append((*span, kind_of(e["name"])))
+    ops.sort()
+    waits.sort()
+    calls = []  # (start, end, ops)
+    prev_end = -float("inf")
+    for _, w_end in waits:
+        mine = [o for o in ops if prev_end < o[0] <= w_end]
+        if mine:
+            calls.append((mine[0][0], w_end, mine))
+        prev_end = w_end
+    if not calls:
+        raise ValueError("the trace has no XLA:CPU executor wait with op events in it: "
+                         "profile on the CPU backend (JAX_PLATFORMS=cpu)")
+    n = len(calls)
+    ms = {k: _union([o[:2] for _, _, c in calls for o in c if o[2] == k]) / n / 1e3
+          for k in KINDS}
+    after = dict.fromkeys(KINDS, 0.0)
+    traced = between = 0.0
+    for start, end, c in calls:
+        traced += end - start
+        last_end, last_kind = start, c[0][2]
+        for a, b, k in c + [(end, end, None)]:
+            if a > last_end:  # nothing running: the last op to end is still finishing
+                after[last_kind] += a - last_end
+                between += a - last_end
+            if b >= last_end:
+                last_end, last_kind = b, k if k is not None else last_kind
+    after = {k: v / n / 1e3 for k, v in after.items()}
+    covered = _union([o[:2] for _, _, c in calls for o in c]) / n / 1e3
+    return {"traced_ms": traced / n / 1e3, "calls": n, "ms_per_call": ms,
+            "after_ms_per_call": after,
+            "total_ms_per_call": {k: ms[k] + after[k] for k in KINDS},
+            "covered_ms": covered, "between_ops_ms": between / n / 1e3,
+            "op_events_per_call": sum(len(c) for _, _, c in calls) // n}
 
 
 def _union(spans) -> float:
@@ -106,6 +219,7 @@ def _define_flags() -> None:
     # Only when run as a script: the tests import `profile` beside other scripts' flags.
     flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
     flags.DEFINE_integer("batch", 8, "Images per call.", lower_bound=1)
+    flags.DEFINE_bool("peer", False, "Profile the eager PyTorch peer too (needs torch).")
     flags.DEFINE_string("out", "", "Write the result here as JSON too.")
 
 
@@ -113,11 +227,19 @@ def main(argv):
     del argv
     out = flags.FLAGS.out
     r = profile(flags.FLAGS.size, flags.FLAGS.batch)
+    peer = peer_profile(flags.FLAGS.size, flags.FLAGS.batch) if flags.FLAGS.peer else None
     print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}): {r['wall_ms']:.1f} ms per "
-          f"call, {r['op_events_per_call']} op events")
-    for k, v in (*r["ms_per_call"].items(), ("any op", r["covered_ms"]),
-                 ("between ops", r["between_ops_ms"])):
-        print(f"  {k:12s} {v:7.1f} ms  {100 * v / r['wall_ms']:5.1f}%")
+          f"call ({r['traced_ms']:.1f} ms traced), {r['op_events_per_call']} op events"
+          + (f"; eager peer {peer['wall_ms']:.1f} ms" if peer else ""))
+    print(f"  {'':12s} {'events':>8s} {'after':>8s} {'total':>8s} {'share':>6s}"
+          + (f" {'peer':>8s}" if peer else ""))
+    for k in KINDS:
+        own, aft, tot = (r[f][k] for f in ("ms_per_call", "after_ms_per_call",
+                                            "total_ms_per_call"))
+        print(f"  {k:12s} {own:8.1f} {aft:8.1f} {tot:8.1f} {100 * tot / r['traced_ms']:5.1f}%"
+              + (f" {peer['ms_per_call'][k]:8.1f}" if peer else ""))
+    if peer:
+        r["peer"] = peer
     if out:
         with open(out, "w") as f:
             json.dump(r, f, indent=1)
