@@ -42,6 +42,20 @@ def reference_dir():
     return REFERENCE_DIR
 
 
+# The files that cost most, first (longest first), each on one worker: pyproject's addopts
+# give whole files to the xdist workers (`--dist=loadfile`, so a module's fixture is never
+# computed on both workers) in this order (`--no-loadscope-reorder`), and the two paper
+# configs, 3-5 minutes each, run side by side from the start instead of ending the suite.
+HEAVY_FIRST = ("test_paper_config_cifar10.py", "test_paper_config_imagenet.py",
+               "test_study.py", "test_notebooks.py", "test_purifier.py", "test_benchmarks.py",
+               "test_train.py", "test_beyond.py", "test_multihost.py", "test_scripts.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable otherwise
+
+
 # --------------------------------------------------------------------- shared helpers
 
 TINY_UNET = {"resolution": 8, "in_channels": 1, "out_channels": 1, "ch": 8, "ch_mult": [1],

@@ -1,5 +1,5 @@
 """Small random-weight checkpoints of the paper's models, in their public formats, converted
-by `experiments.convert_checkpoint` (for tests/test_paper_configs.py and README's commands).
+by `experiments.convert_checkpoint` (for tests/paper_configs.py and README's commands).
 
 - CIFAR-10: score_sde_pytorch's DDPM++ (`score_sde_ddpmpp_small_checkpoint.pth`, the official
   `checkpoint_8.pth` layout) and RobustBench's WRN (`robustbench_wrn_small.pt`) from

@@ -1,5 +1,5 @@
 """`python -m experiments.project_cost` on a hand-written results.json (numbers checked by
-hand below); tests/test_paper_configs.py runs it on a real run's results.json."""
+hand below); tests/test_paper_config_cifar10.py runs it on a real run's results.json."""
 
 import json
 

@@ -158,7 +158,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # step 0.007, on the first 512 test images. Days of GPU time at these sizes: run
         # it on an accelerator (README: scale-out). Check and time it first on any machine
         # with --config.synthetic_data=True, small checkpoints and small sizes
-        # (tests/test_paper_configs.py; experiments.project_cost projects the whole run).
+        # (tests/paper_configs.py; experiments.project_cost projects the whole run).
         c.dataset = "cifar10"
         c.concurrent_parts = 1  # also: an accelerator runs one program at a time
         c.diffusion = "~/.cache/diffjax/checkpoints/ddpmpp_cifar10"
