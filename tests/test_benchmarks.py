@@ -337,6 +337,29 @@ def test_benchmarks_with_a_bad_out_stop_at_once_in_one_line(out, needle, tmp_pat
     assert "benchmarks (quick)" not in proc.stdout  # no case started
 
 
+@pytest.mark.parametrize("args, hide_torch, message", [
+    (["--out=/nonexistent/dir/p.json"], False, "its directory does not exist"),
+    (["--peer"], True, "--peer needs PyTorch: pip install torch==2.13.0"),
+])
+def test_unet_profile_bad_input_is_one_line_before_any_work(args, hide_torch, message):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import runpy, sys\n"
+            + ("sys.modules['torch'] = None  # as if PyTorch were not installed\n"
+               if hide_torch else "")
+            + f"sys.argv = ['unet_cpu_profile', *{args!r}]\n"
+            "runpy.run_module('experiments.bench.unet_cpu_profile', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "U-Net input-gradient" not in proc.stdout
+
+
 def test_unet_profile_groups_the_eager_peers_ops_into_the_same_kinds():
     torch = pytest.importorskip("torch")
     from experiments.bench import unet_cpu_profile as prof

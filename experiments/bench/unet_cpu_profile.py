@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
 import re
 import tempfile
 import time
@@ -225,7 +226,21 @@ def _define_flags() -> None:
 
 def main(argv):
     del argv
-    out = flags.FLAGS.out
+    from experiments import common
+
+    with common.one_line_errors():
+        _main(flags.FLAGS.out)
+
+
+def _main(out: str) -> None:
+    import importlib.util
+
+    if flags.FLAGS.peer and importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError("--peer needs PyTorch: pip install torch==2.13.0 (the CPU "
+                                  "build) and diffjax's convert extra, or leave out --peer")
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise FileNotFoundError(f"--out={out}: its directory does not exist; create it or "
+                                "name another file (checked before profiling)")
     r = profile(flags.FLAGS.size, flags.FLAGS.batch)
     peer = peer_profile(flags.FLAGS.size, flags.FLAGS.batch) if flags.FLAGS.peer else None
     print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}): {r['wall_ms']:.1f} ms per "
