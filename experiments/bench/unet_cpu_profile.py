@@ -26,13 +26,13 @@ beside PyTorch's.
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
 import os
 import re
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -54,30 +54,40 @@ def _kind(op_name: str) -> str:
     return "other"
 
 
-def profile(size: str = "quarter", batch: int = 8, calls: int = 3) -> dict:
-    """Times and profiles one U-Net input-gradient; returns ms per call by layer kind."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
+@functools.cache
+def _pair(size: str):
+    """`(unet size, Pair)`: the suite's U-Net on both sides, built once per process."""
     from experiments.bench import cases, models
 
     s = cases.quick_settings()
     unet = models.cifar10_quarter_size() if size == "quarter" else s.size
-    eps = cases.Bench(s, log=lambda m: None).pair(unet).eps_fn
-    x = jnp.asarray(np.random.RandomState(0).rand(batch, unet.resolution, unet.resolution,
-                                                   unet.channels).astype(np.float32))
-    t = jnp.full((batch,), 50, jnp.int32)
+    return unet, cases.Bench(s, log=lambda m: None).pair(unet)
+
+
+def _inputs(unet, batch: int):
+    """The same images for both sides (NHWC; transpose for the peer) and t = 50."""
+    import numpy as np
+
+    x = np.random.RandomState(0).rand(batch, unet.resolution, unet.resolution,
+                                      unet.channels).astype(np.float32)
+    return x, np.full((batch,), 50, np.int32)
+
+
+def profile(size: str = "quarter", batch: int = 8, calls: int = 3) -> dict:
+    """Times and profiles one U-Net input-gradient; returns ms per call by layer kind."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.bench import timing
+
+    unet, pair = _pair(size)
+    x, t = (jnp.asarray(a) for a in _inputs(unet, batch))
+    eps = pair.eps_fn
     grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
     compiled = grad.lower(x).compile()
     op_names = dict(re.findall(r"^\s+%(\S+) = .*?op_name=\"([^\"]*)\"", compiled.as_text(),
                                re.M))
-    compiled(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        compiled(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    wall_s, _ = timing.median_time(lambda: compiled(x), repeats=5)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(calls):
@@ -86,7 +96,7 @@ def profile(size: str = "quarter", batch: int = 8, calls: int = 3) -> dict:
                                               recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     r = attribute(events, lambda name: _kind(op_names.get(name, "")))
-    return {"size": size, "batch": batch, "wall_ms": float(np.median(times)) * 1e3, **r,
+    return {"size": size, "batch": batch, "wall_ms": wall_s * 1e3, **r,
             "jax": jax.__version__}
 
 
@@ -107,48 +117,35 @@ def peer_profile(size: str = "quarter", batch: int = 8, calls: int = 3,
     """The eager peer's input-gradient: its median time and its aten ops' self time per
     call by kind (`_peer_kind`), on `threads` torch threads."""
     import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    from experiments.bench import cases, models
+    from experiments.bench import timing
+
+    unet, pair = _pair(size)
+    x, t = _inputs(unet, batch)
+    x, t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long()
+
+    def grad():
+        z = x.clone().requires_grad_(True)
+        (pair.torch_model(z, t).sample ** 2).sum().backward()
+        return z.grad
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _peer_profile(torch, cases, models, size, batch, calls)
+        wall_s, _ = timing.median_time(grad, repeats=5, sync=lambda out: out)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                grad()
+        used = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)  # a test's worker keeps its own setting
-
-
-def _peer_profile(torch, cases, models, size, batch, calls) -> dict:
-    import numpy as np
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    s = cases.quick_settings()
-    unet = models.cifar10_quarter_size() if size == "quarter" else s.size
-    model = cases.Bench(s, log=lambda m: None).pair(unet).torch_model
-    x = torch.from_numpy(np.random.RandomState(0).rand(
-        batch, unet.channels, unet.resolution, unet.resolution).astype(np.float32))
-    t = torch.full((batch,), 50)
-
-    def grad():
-        z = x.clone().requires_grad_(True)
-        (model(z, t).sample ** 2).sum().backward()
-        return z.grad
-
-    grad()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        grad()
-        times.append(time.perf_counter() - t0)
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            grad()
     ms = dict.fromkeys(KINDS, 0.0)
     for a in prof.key_averages():
         ms[_peer_kind(a.key)] += a.self_cpu_time_total / calls / 1e3
-    return {"wall_ms": float(np.median(times)) * 1e3, "ms_per_call": ms,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"wall_ms": wall_s * 1e3, "ms_per_call": ms, "torch_threads": used,
+            "torch": torch.__version__}
 
 
 def attribute(events, kind_of) -> dict:
@@ -191,12 +188,14 @@ def attribute(events, kind_of) -> dict:
     for start, end, c in calls:
         traced += end - start
         last_end, last_kind = start, c[0][2]
-        for a, b, k in c + [(end, end, None)]:
+        for a, b, k in c:
             if a > last_end:  # nothing running: the last op to end is still finishing
                 after[last_kind] += a - last_end
                 between += a - last_end
             if b >= last_end:
-                last_end, last_kind = b, k if k is not None else last_kind
+                last_end, last_kind = b, k
+        after[last_kind] += end - last_end  # to the end of the executor's wait
+        between += end - last_end
     after = {k: v / n / 1e3 for k, v in after.items()}
     covered = _union([o[:2] for _, _, c in calls for o in c]) / n / 1e3
     return {"traced_ms": traced / n / 1e3, "calls": n, "ms_per_call": ms,
