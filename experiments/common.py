@@ -43,8 +43,9 @@ def compile_faster_on_cpu() -> bool:
     return True
 
 # Errors that mean "the user asked for something that cannot run": print one line, exit 1.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-               NotADirectoryError, ModuleNotFoundError, KeyError)
+# OSError: missing or unwritable paths, and a --config file ml_collections could not load
+# (it raises a plain OSError, naming the path, when the config is first read).
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, KeyError)
 
 
 def log(msg: str) -> None:
@@ -62,7 +63,7 @@ def one_line_errors():
     try:
         yield
     except USER_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = one_line(e) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -308,6 +308,7 @@ def test_eight_devices_give_the_same_numbers(tiny, tmp_path):
     (["--config.diffusion=/nonexistent/ckpt"], "'/nonexistent/ckpt': no such checkpoint"),
     (["--config.compression.t_stars=10,x"], "config.compression.t_stars"),
     (["--config.attack.nosuch=1"], "--config.attack.nosuch: no such config field 'nosuch'"),
+    (["--config=/nonexistent/study.py"], "No such file or directory: '/nonexistent/study.py'"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, flags, message):
     proc = run_module("reproduce", f"--workdir={tmp_path / 'w'}", *flags, check=False)
