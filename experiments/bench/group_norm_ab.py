@@ -1,0 +1,121 @@
+r"""GroupNorm's formulation before and after, on one U-Net input-gradient, in one process.
+
+    python -m experiments.bench.group_norm_ab [--size=quarter|tiny] [--batch=8] \
+        [--repeats=21] [--out=FILE.json]
+
+`diffjax.layers.group_norm` normalises as ``x * m_c + a_c`` with per-example, per-channel
+factors. Before, it computed ``(x - mean_c) * m_c + bias`` (`group_norm_before`, kept here
+as the reference). The same function, the two ways: XLA:CPU saved ``x - mean_c`` as a
+full-size tensor for the backward pass and recomputed the group-to-channel repeat of the
+mean inside each elementwise loop. Timing two programs in separate runs on a shared
+2-core machine moves by 10-20% between runs, more than this change; so both programs are
+compiled in one process and called in alternation (``repeats`` calls each), and the
+medians are compared. Also reports the largest difference between the two gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+
+def group_norm_before(x, scale, bias, num_groups: int, epsilon: float):
+    """`layers.group_norm` up to 2026-12-01: ``(x - mean_c) * m_c + bias``."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    b, c = x.shape[0], x.shape[-1]
+    g = num_groups
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // g)
+    s1 = jnp.sum(xf, axes).reshape(b, g, c // g).sum(-1)
+    s2 = jnp.sum(xf * xf, axes).reshape(b, g, c // g).sum(-1)
+    mean = s1 / n
+    var = jnp.maximum(0.0, s2 / n - mean * mean)
+    inv = lax.rsqrt(var + epsilon)
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+    mean_c = jnp.repeat(mean, c // g, axis=1).reshape(shape)
+    mul_c = (jnp.repeat(inv, c // g, axis=1) * scale).reshape(shape)
+    y = (xf - mean_c) * mul_c + bias
+    return y.astype(jnp.result_type(x.dtype, scale.dtype, bias.dtype))
+
+
+def compare(size: str = "quarter", batch: int = 8, repeats: int = 21) -> dict:
+    """Compiles the U-Net input-gradient with each formulation and times them alternately.
+
+    Returns ms per call (``before_ms``, ``after_ms``: medians; ``*_times_ms``: every call),
+    ``speedup`` (before / after) and ``max_abs_diff`` between the two gradients (against
+    ``max_abs_grad``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffjax.models import layers
+    from experiments.bench import unet_cpu_profile as prof
+
+    unet, pair = prof._pair(size)
+    x, t = (jnp.asarray(a) for a in prof._inputs(unet, batch))
+    eps = pair.eps_fn
+
+    def build(fn):
+        saved = layers.group_norm
+        layers.group_norm = fn  # `layers.GroupNorm` looks the function up when traced
+        try:
+            grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
+            return grad.lower(x).compile()
+        finally:
+            layers.group_norm = saved
+
+    programs = {"before": build(group_norm_before), "after": build(layers.group_norm)}
+    grads = {k: p(x).block_until_ready() for k, p in programs.items()}
+    times = {k: [] for k in programs}
+    for _ in range(repeats):
+        for k, p in programs.items():
+            t0 = time.perf_counter()
+            p(x).block_until_ready()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"size": size, "batch": batch, "repeats": repeats,
+            "before_ms": med["before"], "after_ms": med["after"],
+            "speedup": med["before"] / med["after"],
+            "before_times_ms": times["before"], "after_times_ms": times["after"],
+            "max_abs_diff": float(jnp.max(jnp.abs(grads["before"] - grads["after"]))),
+            "max_abs_grad": float(jnp.max(jnp.abs(grads["before"]))),
+            "jax": jax.__version__}
+
+
+def _define_flags() -> None:
+    flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
+    flags.DEFINE_integer("batch", 8, "Images per call.", lower_bound=1)
+    flags.DEFINE_integer("repeats", 21, "Timed calls of each program.", lower_bound=1)
+    flags.DEFINE_string("out", "", "Write the result here as JSON too.")
+
+
+def main(argv):
+    del argv
+    from experiments import common
+
+    with common.one_line_errors():
+        out = flags.FLAGS.out
+        if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise FileNotFoundError(f"--out={out}: its directory does not exist; create it "
+                                    "or name another file (checked before any work)")
+        r = compare(flags.FLAGS.size, flags.FLAGS.batch, flags.FLAGS.repeats)
+        print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}), median of "
+              f"{r['repeats']} alternating calls: before {r['before_ms']:.1f} ms, after "
+              f"{r['after_ms']:.1f} ms ({r['speedup']:.2f}x); gradients differ by at most "
+              f"{r['max_abs_diff']:.2g} (largest entry {r['max_abs_grad']:.3g})")
+        if out:
+            with open(out, "w") as f:
+                json.dump(r, f, indent=1)
+            print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
