@@ -288,15 +288,16 @@ def test_a_compiled_peer_that_computes_something_else_gets_no_ratio():
         asked.append(per_block)
         return ("block" if per_block else "whole"), "default"
 
-    fake = types.SimpleNamespace(get=get, backend="b", channels_last=False, errors=[])
+    fake = peer.CompiledPeers(mode=None, backend="b")
+    fake.get = get  # no torch.compile: the "compiled" model is a name `run` reads
     runs = {"same": lambda dev: good + 1e-6,  # right as one graph
             "fixed_per_block": lambda dev: wrong if dev == "whole" else good,
             "wrong": lambda dev: wrong}  # wrong either way
     got = {}
     for name, run in runs.items():
         asked.clear()
-        got[name] = peer.CompiledPeers.measure(fake, None, False, run, ref, 2, repeats=1,
-                                               warmup=0, rtol=cases.COMPILED_RTOL)
+        got[name] = fake.measure(None, False, run, ref, 2, repeats=1, warmup=0,
+                                 rtol=cases.COMPILED_RTOL)
         assert asked == ([False] if name == "same" else [False, True]), name
     assert got["same"]["peer_compiled_agrees"] is True
     assert got["same"]["peer_compiled_rel_diff"] == pytest.approx(1e-6, rel=0.1)
@@ -430,6 +431,7 @@ def test_group_norm_before_and_after_compute_the_same_gradient_and_restore_the_l
     assert layers.group_norm is library  # the patch used to build "before" is undone
     assert r["max_abs_grad"] > 0 and r["max_abs_diff"] <= 1e-5 * r["max_abs_grad"]
     assert len(r["before_times_ms"]) == len(r["after_times_ms"]) == 1
+    assert r["forward_max_abs_diff"] <= 1e-4 and r["forward_before_ms"] > 0
     assert r["speedup"] == pytest.approx(r["before_ms"] / r["after_ms"])
     # The two formulations, directly, on off-centre inputs (flax's fast variance in both).
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
@@ -437,3 +439,17 @@ def test_group_norm_before_and_after_compute_the_same_gradient_and_restore_the_l
     np.testing.assert_allclose(library(x, scale, bias, 4, 1e-6),
                                group_norm_ab.group_norm_before(x, scale, bias, 4, 1e-6),
                                atol=2e-5)
+
+
+def test_interleaved_medians_alternate_the_calls_and_rotate_their_order():
+    from experiments.bench import timing
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in ("a", "b", "c")}
+    r = timing.interleaved_medians(fns, repeats=4, warmup=1, sync=lambda out: out)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up round
+    rounds = [calls[3 + 3 * i: 6 + 3 * i] for i in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert set(r) == set(fns)
+    for median, times in r.values():
+        assert len(times) == 4 and min(times) <= median <= max(times)

@@ -137,7 +137,7 @@ class Settings:
 
 def quick_settings() -> Settings:
     """``--quick``: the named cases at small sizes, under 3 minutes on 2 idle cores."""
-    return Settings(name="quick", repeats=3, purify_batch=4, grad_batch=2, eot_batch=1,
+    return Settings(name="quick", repeats=5, purify_batch=4, grad_batch=2, eot_batch=1,
                     eot_steps=10, jac_steps=5)
 
 
@@ -217,16 +217,30 @@ class Bench:
         taus = diffusion.respaced_timesteps(self.s.t_star, num_steps)
         return peer.PeerPurifier(model or pair.torch_model, self.acp, self.s.t_star, taus)
 
-    def _compiled(self, name: str, pair: models.Pair, run, reference, batch: int) -> dict:
-        """The compiled peer's fields for case `name` (none unless it is in
-        `Settings.compiled_peer`): ``run(model)`` checked against `reference`, then timed."""
+    def _compiled(self, name: str, pair: models.Pair, run, reference) -> tuple:
+        """``(fields, call)`` of the compiled peer for case `name`: ``run(model)`` compiled
+        and checked against `reference` (`peer.CompiledPeers.prepare`); `call` runs it, for
+        the case to time beside diffjax (None, with no fields, unless `name` is in
+        `Settings.compiled_peer`; None with ``peer_compiled_error`` if it did not compile)."""
         if name not in self.s.compiled_peer:
-            return {}
+            return {}, None
         self.log(f"[{name}] compiling the peer (torch.compile, mode {self.s.compile_mode}) ...")
-        out = self.compiled.measure(pair.torch_model, False, run, reference, batch,
-                                    repeats=self.s.repeats, warmup=1, rtol=COMPILED_RTOL)
+        call, fields = self.compiled.prepare(pair.torch_model, False, run, reference,
+                                             rtol=COMPILED_RTOL)
         self.meta["compiled_peer_errors"] = self.compiled.errors
-        return out
+        return fields, call
+
+    def _time(self, fns: dict, compiled, extra: dict, batch: int) -> dict:
+        """Medians of `fns` and of the compiled peer's `compiled` call (if any), timed in
+        alternation (`timing.interleaved_medians`); adds the compiled peer's time to
+        `extra`."""
+        if compiled is not None:
+            fns = {**fns, "compiled": compiled}
+        t = {k: v[0] for k, v in timing.interleaved_medians(
+            fns, repeats=self.s.repeats).items()}
+        if compiled is not None:
+            extra.update(peer.CompiledPeers.fields(extra, t["compiled"], batch))
+        return t
 
     def noises(self, keys, size: models.UNetSize, num_steps: int) -> torch.Tensor:
         """The JAX-drawn noise of every step, as an NCHW torch stack."""
@@ -283,9 +297,9 @@ class Bench:
                 return p(xt, nz)
 
         diff = float(np.abs(peer.to_nhwc(run_p()) - out_j).max())
-        tj, _ = timing.median_time(run_j, repeats=self.s.repeats)
-        tp, _ = timing.median_time(run_p, repeats=self.s.repeats)
-        extra = self._compiled(name, pair, run_p, out_j, batch)
+        extra, compiled_peer = self._compiled(name, pair, run_p, out_j)
+        t = self._time({"diffjax": run_j, "peer": run_p}, compiled_peer, extra, batch)
+        tj, tp = t["diffjax"], t["peer"]
         return self.record(
             name, what or f"purification, {steps} steps, batch {batch}, {size.label()}",
             diffjax_s=tj / batch, peer_s=tp / batch, diffjax_images_per_s=batch / tj,
@@ -309,12 +323,12 @@ class Bench:
         run_pc = lambda: ppur.grad(xt, nz, wt, yt, checkpoint=True)
         diff = float(np.abs(peer.to_nhwc(run_p()) - g_j).max())
         diff_c = float(np.abs(peer.to_nhwc(run_pc()) - g_j).max())
-        tj, _ = timing.median_time(lambda: compiled(*args), repeats=self.s.repeats)
-        tp, _ = timing.median_time(run_p, repeats=self.s.repeats)
-        tpc, _ = timing.median_time(run_pc, repeats=self.s.repeats)
-        extra = self._compiled(
+        extra, compiled_peer = self._compiled(
             name, pair, lambda model: self.peer_purifier(pair, steps, model).grad(xt, nz, wt, yt),
-            g_j, batch)
+            g_j)
+        t = self._time({"diffjax": lambda: compiled(*args), "peer": run_p,
+                        "peer_ckpt": run_pc}, compiled_peer, extra, batch)
+        tj, tp, tpc = t["diffjax"], t["peer"], t["peer_ckpt"]
         if memory:
             params = list(pair.torch_model.parameters())
             extra["peer_saved_mb"] = peer.saved_tensor_mb(run_p, exclude=params)
@@ -360,8 +374,8 @@ class Bench:
         wt, yt = torch.from_numpy(w), torch.from_numpy(labels).long()
         run_p = lambda: ppur.eot_grad(xt, draws, wt, yt)
         diff = float(np.abs(peer.to_nhwc(run_p()) - g_j).max())
-        tj, _ = timing.median_time(lambda: compiled(*args), repeats=s.repeats)
-        tp, _ = timing.median_time(run_p, repeats=s.repeats)
+        t = self._time({"diffjax": lambda: compiled(*args), "peer": run_p}, None, {}, batch)
+        tj, tp = t["diffjax"], t["peer"]
         return self.record(
             name, f"EOT-{s.eot} full gradient, {steps} steps, batch {batch}, {size.label()}",
             diffjax_s=tj / batch, peer_s=tp / batch, diffjax_peak_mb=peak, peer_peak_mb=None,

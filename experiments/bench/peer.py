@@ -323,7 +323,8 @@ class CompiledPeers:
 
     def measure(self, model, bf16: bool, run, reference, batch: int, *, repeats: int,
                 warmup: int, rtol: float | None = None) -> dict:
-        """Times ``run(compiled model)`` after checking its output against `reference`.
+        """Times ``run(compiled model)`` after checking its output against `reference`
+        (`prepare`, then `timing.median_time`; `fields` gives the result).
 
         Args:
           model: the eager ``UNet2DModel``.
@@ -348,6 +349,28 @@ class CompiledPeers:
         """
         from experiments.bench import timing
 
+        call, fields = self.prepare(model, bf16, run, reference, rtol=rtol)
+        if call is None:
+            return fields
+        for _ in range(warmup):
+            call()
+        tc, _ = timing.median_time(call, repeats=repeats, warmup=0, sync=lambda out: out)
+        return self.fields(fields, tc, batch)
+
+    @staticmethod
+    def fields(prepared: dict, seconds: float, batch: int) -> dict:
+        """`prepare`'s fields with the compiled peer's measured `seconds` per call."""
+        return {"peer_compiled_s": seconds / batch, "peer_compiled_images_per_s":
+                batch / seconds, **prepared}
+
+    def prepare(self, model, bf16: bool, run, reference, *, rtol: float | None = None):
+        """Compiles `model`, checks ``run(compiled)`` against `reference` (as `measure`).
+
+        Returns ``(call, fields)``: `call()` runs the compiled peer once and waits for it
+        (None when no mode compiled; then `fields` holds ``peer_compiled_error``), and
+        every field of `measure`'s result but the times (`fields` adds those). So a caller
+        can time the compiled peer in alternation with other programs
+        (`timing.interleaved_medians`)."""
         scale = max(float(np.abs(reference).max()), 1e-30)
 
         def first_call(dev):  # (seconds of the first, compiling call; its max abs diff)
@@ -366,7 +389,7 @@ class CompiledPeers:
                 err = f"{type(e).__name__}: {e}"[:1000]
                 self.errors.append({"mode": mode, "bf16": bf16, "error": err})
                 if attempt or mode is None:
-                    return {"peer_compiled_error": err}
+                    return None, {"peer_compiled_error": err}
                 dev, mode = self.get(model, bf16, mode=None)
         rel, how, whole = diff / scale, "", {}
         if rtol is not None and rel > rtol:  # wrong as one graph: try block by block
@@ -384,14 +407,18 @@ class CompiledPeers:
             else:
                 dev, first, diff, how = dev_b, first_b, diff_b, ", per block"
                 rel = diff / scale
-        tc, _ = timing.median_time(lambda: run(dev), repeats=repeats, warmup=warmup,
-                                   sync=cuda_sync)
         agrees = {} if rtol is None else {"peer_compiled_agrees": bool(rel <= rtol)}
-        return {"peer_compiled_s": tc / batch, "peer_compiled_images_per_s": batch / tc,
-                "peer_compiled_first_call_s": first, "peer_compiled_max_abs_diff": diff,
-                "peer_compiled_rel_diff": rel, **agrees, **whole,
-                "peer_compiled_mode": f"torch.compile(mode={mode!r}, backend={self.backend!r})"
-                                      f", channels_last={self.channels_last}{how}"}
+
+        def call():
+            out = run(dev)
+            cuda_sync()
+            return out
+
+        return call, {
+            "peer_compiled_first_call_s": first, "peer_compiled_max_abs_diff": diff,
+            "peer_compiled_rel_diff": rel, **agrees, **whole,
+            "peer_compiled_mode": f"torch.compile(mode={mode!r}, backend={self.backend!r})"
+                                  f", channels_last={self.channels_last}{how}"}
 
 
 def _tf32_knobs() -> list:

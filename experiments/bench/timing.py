@@ -1,7 +1,9 @@
 """Timing and memory measurement for both sides.
 
 - Times are medians over `repeats` runs after `warmup` runs (`time.perf_counter`; JAX
-  results are waited for with ``block_until_ready``). diffjax's compile time is measured
+  results are waited for with ``block_until_ready``). The CPU suite times diffjax and
+  its peers in alternation (`interleaved_medians`), so that their ratio does not take in
+  the machine's drift between one side's runs and the other's. diffjax's compile time is measured
   apart: each diffjax function is compiled ahead of time (``jit(f).lower(*args)
   .compile()``) and only the compiled executable is timed.
 - diffjax memory: XLA's own buffer assignment for the compiled program
@@ -27,7 +29,8 @@ import time
 
 import numpy as np
 
-__all__ = ["median_time", "compile_jax", "unet_flops", "rss_probe", "loadavg"]
+__all__ = ["median_time", "interleaved_medians", "compile_jax", "unet_flops", "rss_probe",
+           "loadavg"]
 
 
 def _block(out):
@@ -57,6 +60,39 @@ def median_time(fn, *, repeats: int, warmup: int = 1,
         sync(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def interleaved_medians(fns: dict, *, repeats: int, warmup: int = 1,
+                        sync=None) -> dict:
+    """Median wall time of each of `fns` (``{name: fn}``), their calls alternating.
+
+    Each round calls every function once, the order rotated from round to round; so a
+    change in the machine's speed during the measurement (another process, a frequency
+    step: on a shared 2-core machine runs of the same program moved by 10-20% between
+    minutes) reaches every side alike, and ratios of these medians are steadier than
+    ratios of medians taken one after the other.
+
+    Args:
+      fns: the calls to time.
+      repeats: rounds (timed calls of each function).
+      warmup: untimed rounds first.
+      sync: as in `median_time`, applied to every result.
+
+    Returns:
+      ``{name: (median seconds, [seconds of each call])}``.
+    """
+    sync = _block if sync is None else sync
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            sync(fns[n]())
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sync(fns[n]())
+            times[n].append(time.perf_counter() - t0)
+    return {n: (statistics.median(t), t) for n, t in times.items()}
 
 
 def compile_jax(fn, *args, static_argnames=()):
