@@ -93,7 +93,9 @@ def main(argv):
     meta = {"command": "python -m experiments.benchmarks " + " ".join(sys.argv[1:]),
             "settings": dataclasses.asdict(settings), "machine": report.machine_info(),
             "models": info, "loadavg_before": load0, "loadavg_after": timing.loadavg(),
-            "total_s": total, "time_unit": "seconds per image (median over repeats)",
+            "total_s": total,
+            "time_unit": "seconds per image (median over rounds alternating diffjax and its "
+                         "peers)",
             "memory": "diffjax_peak_mb: XLA memory_analysis temp+output of the compiled "
                       "program; peer_peak_mb: ru_maxrss growth during one gradient in a fresh "
                       "subprocess; peer_saved_mb: tensors saved by autograd"}
