@@ -453,3 +453,21 @@ def test_interleaved_medians_alternate_the_calls_and_rotate_their_order():
     assert set(r) == set(fns)
     for median, times in r.values():
         assert len(times) == 4 and min(times) <= median <= max(times)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out=/nonexistent/dir/ab.json"], "its directory does not exist"),
+    (["--batch=0"], "flag --batch=0: 0 is not a positive integer"),
+])
+def test_group_norm_ab_bad_input_is_one_line_before_any_work(args, message):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.group_norm_ab", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "U-Net input-gradient" not in proc.stdout

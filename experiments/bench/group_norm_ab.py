@@ -129,5 +129,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from experiments import common
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)
