@@ -471,3 +471,13 @@ def test_group_norm_ab_bad_input_is_one_line_before_any_work(args, message):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "U-Net input-gradient" not in proc.stdout
+
+
+def test_unet_profile_times_both_gradients_in_alternation():
+    from experiments.bench import unet_cpu_profile as prof
+
+    threads = torch.get_num_threads()
+    a = prof.alternating_walls("tiny", batch=1, repeats=2, threads=1)
+    assert a["repeats"] == 2 and a["diffjax_ms"] > 0 and a["peer_ms"] > 0
+    assert a["ratio"] == pytest.approx(a["peer_ms"] / a["diffjax_ms"])
+    assert torch.get_num_threads() == threads  # restored

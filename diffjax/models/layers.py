@@ -57,7 +57,7 @@ normalisation is one multiply-add per element, ``x * m_c + a_c``, with both fact
 example and channel: written as ``(x - mean) * m_c + bias``, XLA:CPU kept ``x - mean`` as a
 full-size tensor for the backward pass and recomputed the group-to-channel repeat of the
 mean inside each elementwise loop; the 32x32 U-Net's input-gradient (batch 8, AMD EPYC)
-spent 17.6 ms in GroupNorm ops that way and 7.3-10.3 ms this way (BENCHMARKS.md).
+spent 16-18 ms in GroupNorm ops that way and 7-12 ms this way (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ would pay, not what a change would save.
 U-Net, 2 torch threads, ``torch.profiler``), its aten ops' self time grouped into the same
 kinds (``mkldnn_convolution``/``convolution_backward``; scaled-dot-product attention and
 the projections' ``bmm``; ``native_group_norm``; ``silu``), so each kind's time can be set
-beside PyTorch's.
+beside PyTorch's. With ``--peer`` the two gradients are also timed in alternating calls
+(``alternating``), since separate timings drift apart on a shared machine.
 """
 
 from __future__ import annotations
@@ -73,18 +74,65 @@ def _inputs(unet, batch: int):
     return x, np.full((batch,), 50, np.int32)
 
 
-def profile(size: str = "quarter", batch: int = 8, calls: int = 3) -> dict:
-    """Times and profiles one U-Net input-gradient; returns ms per call by layer kind."""
+@functools.cache
+def _jax_grad(size: str, batch: int):
+    """``(compiled input-gradient, x)``: diffjax's side, compiled once per process."""
     import jax
     import jax.numpy as jnp
-
-    from experiments.bench import timing
 
     unet, pair = _pair(size)
     x, t = (jnp.asarray(a) for a in _inputs(unet, batch))
     eps = pair.eps_fn
     grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
-    compiled = grad.lower(x).compile()
+    return grad.lower(x).compile(), x
+
+
+def _peer_grad(size: str, batch: int):
+    """The eager peer's input-gradient on the same images, as a call."""
+    import torch
+
+    unet, pair = _pair(size)
+    x, t = _inputs(unet, batch)
+    x, t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long()
+
+    def grad():
+        z = x.clone().requires_grad_(True)
+        (pair.torch_model(z, t).sample ** 2).sum().backward()
+        return z.grad
+
+    return grad
+
+
+def alternating_walls(size: str = "quarter", batch: int = 8, repeats: int = 9,
+                      threads: int = 2) -> dict:
+    """Median ms per call of diffjax's and the eager peer's input-gradient, their calls
+    alternating (`timing.interleaved_medians`), so that the ratio does not take in the
+    machine's drift between the two profiles (10-30% between minutes on a shared 2-core
+    machine). The peer runs on `threads` torch threads."""
+    import torch
+
+    from experiments.bench import timing
+
+    compiled, x = _jax_grad(size, batch)
+    peer_grad = _peer_grad(size, batch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = timing.interleaved_medians(
+            {"diffjax": lambda: compiled(x), "peer": peer_grad}, repeats=repeats)
+    finally:
+        torch.set_num_threads(before)
+    return {"diffjax_ms": t["diffjax"][0] * 1e3, "peer_ms": t["peer"][0] * 1e3,
+            "ratio": t["peer"][0] / t["diffjax"][0], "repeats": repeats}
+
+
+def profile(size: str = "quarter", batch: int = 8, calls: int = 3) -> dict:
+    """Times and profiles one U-Net input-gradient; returns ms per call by layer kind."""
+    import jax
+
+    from experiments.bench import timing
+
+    compiled, x = _jax_grad(size, batch)
     op_names = dict(re.findall(r"^\s+%(\S+) = .*?op_name=\"([^\"]*)\"", compiled.as_text(),
                                re.M))
     wall_s, _ = timing.median_time(lambda: compiled(x), repeats=5)
@@ -122,15 +170,7 @@ def peer_profile(size: str = "quarter", batch: int = 8, calls: int = 3,
 
     from experiments.bench import timing
 
-    unet, pair = _pair(size)
-    x, t = _inputs(unet, batch)
-    x, t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t).long()
-
-    def grad():
-        z = x.clone().requires_grad_(True)
-        (pair.torch_model(z, t).sample ** 2).sum().backward()
-        return z.grad
-
+    grad = _peer_grad(size, batch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -245,6 +285,11 @@ def _main(out: str) -> None:
     print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}): {r['wall_ms']:.1f} ms per "
           f"call ({r['traced_ms']:.1f} ms traced), {r['op_events_per_call']} op events"
           + (f"; eager peer {peer['wall_ms']:.1f} ms" if peer else ""))
+    if peer:
+        r["alternating"] = alternating_walls(flags.FLAGS.size, flags.FLAGS.batch)
+        a = r["alternating"]
+        print(f"  alternating calls ({a['repeats']} rounds): diffjax {a['diffjax_ms']:.1f} ms, "
+              f"eager peer {a['peer_ms']:.1f} ms (peer / diffjax {a['ratio']:.2f})")
     print(f"  {'':12s} {'events':>8s} {'after':>8s} {'total':>8s} {'share':>6s}"
           + (f" {'peer':>8s}" if peer else ""))
     for k in KINDS:
