@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Conv", "conv2d", "attention", "softmax", "GroupNorm", "group_norm"]
+__all__ = ["Conv", "conv2d", "attention", "softmax", "GroupNorm", "group_norm", "group_stats"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _DN_SWAPPED = ("NHWC", "HWOI", "NHWC")
@@ -272,6 +272,24 @@ def attention(q, k, v, num_heads: int = 1):
 # ------------------------------------------------------------------------------ group norm
 
 
+def group_stats(x, num_groups: int, epsilon: float):
+    """``(x in float32 or wider, mean_g, rsqrt(var_g + epsilon))`` of `group_norm`, the
+    statistics `[B, G]` of groups of ``C / num_groups`` consecutive channels (fast variance
+    ``E[x^2] - E[x]^2``, as flax's)."""
+    b, c = x.shape[0], x.shape[-1]
+    g = num_groups
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1]) * (c // g)
+    # Per-channel sums over the positions ([B, C]: plain reductions over the leading axes,
+    # no five-dimensional group layout), then the few per-group sums.
+    s1 = jnp.sum(xf, axes).reshape(b, g, c // g).sum(-1)
+    s2 = jnp.sum(xf * xf, axes).reshape(b, g, c // g).sum(-1)
+    mean = s1 / n
+    var = jnp.maximum(0.0, s2 / n - mean * mean)
+    return xf, mean, lax.rsqrt(var + epsilon)
+
+
 def group_norm(x, scale, bias, num_groups: int, epsilon: float):
     """`flax.linen.GroupNorm`'s function (fast variance, float32 statistics), with the
     statistics taken per channel first (module doc).
@@ -290,16 +308,7 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float):
     """
     b, c = x.shape[0], x.shape[-1]
     g = num_groups
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    axes = tuple(range(1, x.ndim - 1))
-    n = math.prod(x.shape[1:-1]) * (c // g)
-    # Per-channel sums over the positions ([B, C]: plain reductions over the leading axes,
-    # no five-dimensional group layout), then the few per-group sums.
-    s1 = jnp.sum(xf, axes).reshape(b, g, c // g).sum(-1)
-    s2 = jnp.sum(xf * xf, axes).reshape(b, g, c // g).sum(-1)
-    mean = s1 / n
-    var = jnp.maximum(0.0, s2 / n - mean * mean)
-    inv = lax.rsqrt(var + epsilon)
+    xf, mean, inv = group_stats(x, g, epsilon)
     shape = (b,) + (1,) * (x.ndim - 2) + (c,)
     # One multiply-add per element with per-channel factors ([B, C]), not
     # ``(x - mean) * mul + bias``: XLA:CPU saved ``x - mean`` as a full-size tensor for the

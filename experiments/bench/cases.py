@@ -218,17 +218,17 @@ class Bench:
         return peer.PeerPurifier(model or pair.torch_model, self.acp, self.s.t_star, taus)
 
     def _compiled(self, name: str, pair: models.Pair, run, reference) -> tuple:
-        """``(fields, call)`` of the compiled peer for case `name`: ``run(model)`` compiled
+        """``(call, fields)`` of the compiled peer for case `name`: ``run(model)`` compiled
         and checked against `reference` (`peer.CompiledPeers.prepare`); `call` runs it, for
         the case to time beside diffjax (None, with no fields, unless `name` is in
         `Settings.compiled_peer`; None with ``peer_compiled_error`` if it did not compile)."""
         if name not in self.s.compiled_peer:
-            return {}, None
+            return None, {}
         self.log(f"[{name}] compiling the peer (torch.compile, mode {self.s.compile_mode}) ...")
         call, fields = self.compiled.prepare(pair.torch_model, False, run, reference,
                                              rtol=COMPILED_RTOL)
         self.meta["compiled_peer_errors"] = self.compiled.errors
-        return fields, call
+        return call, fields
 
     def _time(self, fns: dict, compiled, extra: dict, batch: int) -> dict:
         """Medians of `fns` and of the compiled peer's `compiled` call (if any), timed in
@@ -239,7 +239,7 @@ class Bench:
         t = {k: v[0] for k, v in timing.interleaved_medians(
             fns, repeats=self.s.repeats).items()}
         if compiled is not None:
-            extra.update(peer.CompiledPeers.fields(extra, t["compiled"], batch))
+            extra.update(peer.CompiledPeers.fields({}, t["compiled"], batch))
         return t
 
     def noises(self, keys, size: models.UNetSize, num_steps: int) -> torch.Tensor:
@@ -297,7 +297,7 @@ class Bench:
                 return p(xt, nz)
 
         diff = float(np.abs(peer.to_nhwc(run_p()) - out_j).max())
-        extra, compiled_peer = self._compiled(name, pair, run_p, out_j)
+        compiled_peer, extra = self._compiled(name, pair, run_p, out_j)
         t = self._time({"diffjax": run_j, "peer": run_p}, compiled_peer, extra, batch)
         tj, tp = t["diffjax"], t["peer"]
         return self.record(
@@ -323,7 +323,7 @@ class Bench:
         run_pc = lambda: ppur.grad(xt, nz, wt, yt, checkpoint=True)
         diff = float(np.abs(peer.to_nhwc(run_p()) - g_j).max())
         diff_c = float(np.abs(peer.to_nhwc(run_pc()) - g_j).max())
-        extra, compiled_peer = self._compiled(
+        compiled_peer, extra = self._compiled(
             name, pair, lambda model: self.peer_purifier(pair, steps, model).grad(xt, nz, wt, yt),
             g_j)
         t = self._time({"diffjax": lambda: compiled(*args), "peer": run_p,

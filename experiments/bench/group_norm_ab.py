@@ -9,37 +9,28 @@ as the reference). The same function, the two ways: XLA:CPU saved ``x - mean_c``
 full-size tensor for the backward pass and recomputed the group-to-channel repeat of the
 mean inside each elementwise loop. Timing two programs in separate runs on a shared
 2-core machine moves by 10-20% between runs, more than this change; so both programs are
-compiled in one process and called in alternation (``repeats`` calls each), and the
+compiled in one process and called in alternation (``repeats`` rounds,
+`timing.interleaved_medians`), and the
 medians are compared. The same for the U-Net call alone (the forward pass purification
 runs). Also reports the largest difference between the two gradients.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import statistics
-import time
+import functools
 
 from absl import app, flags
 
 
 def group_norm_before(x, scale, bias, num_groups: int, epsilon: float):
-    """`layers.group_norm` up to 2026-12-01: ``(x - mean_c) * m_c + bias``."""
+    """`layers.group_norm` up to 2026-12-01: ``(x - mean_c) * m_c + bias``, on the same
+    statistics (`layers.group_stats`)."""
     import jax.numpy as jnp
-    from jax import lax
 
-    b, c = x.shape[0], x.shape[-1]
-    g = num_groups
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    axes = tuple(range(1, x.ndim - 1))
-    n = math.prod(x.shape[1:-1]) * (c // g)
-    s1 = jnp.sum(xf, axes).reshape(b, g, c // g).sum(-1)
-    s2 = jnp.sum(xf * xf, axes).reshape(b, g, c // g).sum(-1)
-    mean = s1 / n
-    var = jnp.maximum(0.0, s2 / n - mean * mean)
-    inv = lax.rsqrt(var + epsilon)
+    from diffjax.models import layers
+
+    b, c, g = x.shape[0], x.shape[-1], num_groups
+    xf, mean, inv = layers.group_stats(x, g, epsilon)
     shape = (b,) + (1,) * (x.ndim - 2) + (c,)
     mean_c = jnp.repeat(mean, c // g, axis=1).reshape(shape)
     mul_c = (jnp.repeat(inv, c // g, axis=1) * scale).reshape(shape)
@@ -60,6 +51,7 @@ def compare(size: str = "quarter", batch: int = 8, repeats: int = 21) -> dict:
     import jax.numpy as jnp
 
     from diffjax.models import layers
+    from experiments.bench import timing
     from experiments.bench import unet_cpu_profile as prof
 
     unet, pair = prof._pair(size)
@@ -80,13 +72,10 @@ def compare(size: str = "quarter", batch: int = 8, repeats: int = 21) -> dict:
     programs = {(k, fwd): build(fn, fwd) for fwd in (False, True)
                 for k, fn in (("before", group_norm_before), ("after", layers.group_norm))}
     outs = {k: p(x).block_until_ready() for k, p in programs.items()}
-    times = {k: [] for k in programs}
-    for _ in range(repeats):
-        for k, p in programs.items():
-            t0 = time.perf_counter()
-            p(x).block_until_ready()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    timed = timing.interleaved_medians({k: functools.partial(p, x) for k, p in programs.items()},
+                                       repeats=repeats, warmup=0)
+    med = {k: m * 1e3 for k, (m, _) in timed.items()}
+    times = {k: [v * 1e3 for v in ts] for k, (_, ts) in timed.items()}
     b, a, fb, fa = ("before", False), ("after", False), ("before", True), ("after", True)
     return {"size": size, "batch": batch, "repeats": repeats,
             "before_ms": med[b], "after_ms": med[a], "speedup": med[b] / med[a],
@@ -109,12 +98,11 @@ def _define_flags() -> None:
 def main(argv):
     del argv
     from experiments import common
+    from experiments.bench import report
 
     with common.one_line_errors():
         out = flags.FLAGS.out
-        if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise FileNotFoundError(f"--out={out}: its directory does not exist; create it "
-                                    "or name another file (checked before any work)")
+        report.check_out_file(out)
         r = compare(flags.FLAGS.size, flags.FLAGS.batch, flags.FLAGS.repeats)
         print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}), median of "
               f"{r['repeats']} alternating calls: before {r['before_ms']:.1f} ms, after "
@@ -122,10 +110,7 @@ def main(argv):
               f"{r['max_abs_diff']:.2g} (largest entry {r['max_abs_grad']:.3g}); the U-Net call "
               f"alone: before {r['forward_before_ms']:.1f} ms, after {r['forward_after_ms']:.1f} "
               f"ms ({r['forward_speedup']:.2f}x)")
-        if out:
-            with open(out, "w") as f:
-                json.dump(r, f, indent=1)
-            print(f"wrote {out}")
+        report.write_json(out, r)
 
 
 if __name__ == "__main__":

@@ -352,9 +352,7 @@ class CompiledPeers:
         call, fields = self.prepare(model, bf16, run, reference, rtol=rtol)
         if call is None:
             return fields
-        for _ in range(warmup):
-            call()
-        tc, _ = timing.median_time(call, repeats=repeats, warmup=0, sync=lambda out: out)
+        tc, _ = timing.median_time(call, repeats=repeats, warmup=warmup, sync=lambda out: out)
         return self.fields(fields, tc, batch)
 
     @staticmethod

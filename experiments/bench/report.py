@@ -15,10 +15,26 @@ import pathlib
 import platform
 
 __all__ = ["REQUIRED_FIELDS", "machine_info", "write", "markdown_table", "cases_of",
-           "gpu_markdown", "gpu_versions", "device_peak_mb"]
+           "gpu_markdown", "gpu_versions", "device_peak_mb", "check_out_file", "write_json"]
 
 REQUIRED_FIELDS = ("diffjax_s", "peer_s", "ratio", "diffjax_peak_mb", "peer_peak_mb",
                    "max_abs_diff")
+
+
+def check_out_file(out: str) -> None:
+    """Stops a script before any work when its ``--out`` file cannot be written: its
+    directory does not exist (empty `out`: no file asked for)."""
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise FileNotFoundError(f"--out={out}: its directory does not exist; create it or "
+                                "name another file (checked before any work)")
+
+
+def write_json(out: str, data: dict) -> None:
+    """Writes a script's result to its ``--out`` file (if any) and says so."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {out}")
 
 
 def machine_info() -> dict:

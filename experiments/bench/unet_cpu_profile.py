@@ -31,7 +31,6 @@ import functools
 import glob
 import gzip
 import json
-import os
 import re
 import tempfile
 
@@ -274,12 +273,12 @@ def main(argv):
 def _main(out: str) -> None:
     import importlib.util
 
+    from experiments.bench import report
+
     if flags.FLAGS.peer and importlib.util.find_spec("torch") is None:
         raise ModuleNotFoundError("--peer needs PyTorch: pip install torch==2.13.0 (the CPU "
                                   "build) and diffjax's convert extra, or leave out --peer")
-    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise FileNotFoundError(f"--out={out}: its directory does not exist; create it or "
-                                "name another file (checked before profiling)")
+    report.check_out_file(out)
     r = profile(flags.FLAGS.size, flags.FLAGS.batch)
     peer = peer_profile(flags.FLAGS.size, flags.FLAGS.batch) if flags.FLAGS.peer else None
     print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}): {r['wall_ms']:.1f} ms per "
@@ -299,10 +298,7 @@ def _main(out: str) -> None:
               + (f" {peer['ms_per_call'][k]:8.1f}" if peer else ""))
     if peer:
         r["peer"] = peer
-    if out:
-        with open(out, "w") as f:
-            json.dump(r, f, indent=1)
-        print(f"wrote {out}")
+    report.write_json(out, r)
 
 
 if __name__ == "__main__":
