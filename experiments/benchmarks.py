@@ -45,6 +45,9 @@ _GPU_CASES = flags.DEFINE_list(
 _GPU_SET = flags.DEFINE_list(
     "gpu_set", None, "gpu settings: override GpuSettings integer fields, e.g. "
     "eot_batch=16,pp_eot_batch=8.")
+_GPU_REMAT = flags.DEFINE_enum(
+    "gpu_remat", None, ["steps", "save_conv"], "gpu settings: what diffjax's gradients keep "
+    "of each step (diffusion.REMAT_MODES; default 'steps', as the peers' checkpointing).")
 _COMPILED = flags.DEFINE_list(
     "compiled_peer", None, "CPU suites: the cases that also time the compiled peer "
     "(torch.compile); 'none' for none. Default: the settings' (purify_t100, grad_t10, "
@@ -139,6 +142,10 @@ def _main_gpu(name: str) -> None:
         except (ValueError, TypeError) as e:
             raise SystemExit(f"error: --gpu_set: expected field=integer pairs of GpuSettings; "
                              f"got {_GPU_SET.value} ({e})") from None
+    if _GPU_REMAT.value:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, remat=_GPU_REMAT.value)
     gpu.run_gpu(settings, _OUT.value, log=lambda s: print(s, flush=True),
                 time_budget_s=_BUDGET.value, only=_GPU_CASES.value,
                 command="python -m experiments.benchmarks " + " ".join(sys.argv[1:]))

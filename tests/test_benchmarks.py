@@ -96,6 +96,15 @@ def test_cases_agree_and_follow_schema(bench, tmp_path):
         assert r["ratio_compiled"] == pytest.approx(r["peer_compiled_s"] / r["diffjax_s"])
         assert "torch.compile" in r["peer_compiled_mode"]
     assert "peer_compiled_s" not in res["jacobian_exact"]
+    # A case with the compiled peer also times remat="save_conv" in the same rounds: the
+    # same gradient, with its ratios against both peers.
+    g = res["grad"]
+    assert g["diffjax_save_conv_max_abs_diff"] < 1e-6 * max(1.0, g["max_abs_diff"] * 1e4)
+    assert g["diffjax_save_conv_s"] > 0 and g["diffjax_save_conv_peak_mb"] > 0
+    assert g["ratio_save_conv"] == pytest.approx(g["peer_s"] / g["diffjax_save_conv_s"])
+    assert g["ratio_compiled_save_conv"] == pytest.approx(
+        g["peer_compiled_s"] / g["diffjax_save_conv_s"])
+    assert "diffjax_noremat_s" not in g  # Settings.noremat is off
     # Purified images live in [0, 1]; the diffjax program's memory is known to XLA.
     assert res["purify"]["diffjax_peak_mb"] > 0
     # Without checkpointing the peer saves activations for every step; with it, about one
@@ -114,6 +123,7 @@ def test_cases_agree_and_follow_schema(bench, tmp_path):
     table = mpath.read_text()
     for name in res:
         assert f"`{name}`" in table
+    assert 'diffjax with remat="save_conv"' in table
 
 
 def test_eot_gradient_is_the_mean_of_single_draw_gradients(bench):
@@ -183,7 +193,7 @@ def test_gpu_suite_smoke(tmp_path):
         gpu.gpu_smoke_settings(), t_star=4, steps=2, eot=2,
         ddpm=models.UNetSize(resolution=4, ch=8, ch_mult=(1,), attn_levels=(), num_groups=4),
         ddpmpp=(("nf", 8), ("ch_mult", [1]), ("num_res_blocks", 1), ("attn_resolutions", []),
-                ("image_size", 4), ("dropout", 0.0)))
+                ("image_size", 4), ("dropout", 0.0)), remat="save_conv")
     b = gpu.GpuBench(s, tmp_path, log=lambda m: None)
     b.run("probe", b.probe)
     b.run("setup_ddpm", b.setup_ddpm)
@@ -201,6 +211,8 @@ def test_gpu_suite_smoke(tmp_path):
              f"ddpmpp_purify_t{st}_b{s.pp_purify_batch}_bf16",
              f"ddpmpp_eot{e}_grad_b{s.pp_eot_batch}_bf16"}
     assert set(cases) == checks | timed, {k: r.get("error") for k, r in cases.items()}
+    # --gpu_remat=save_conv reaches the gradient cases (here the EOT one), named in the record.
+    assert cases[f"ddpmpp_eot{e}_grad_b{s.pp_eot_batch}_bf16"]["remat"] == "save_conv"
     assert data["_meta"]["precision"]["jax_matmul_rel_err_highest"] < 1e-5
     for name, r in cases.items():
         for field in report.REQUIRED_FIELDS:

@@ -258,6 +258,57 @@ def test_remat_switch_gives_the_same_gradient():
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
+def test_remat_modes_give_the_same_gradient_and_keep_what_they_say():
+    """remat True ("steps"), "save_conv" and False ("none") differentiate the same function;
+    their compiled gradients keep increasing amounts of the steps' activations: "save_conv"
+    keeps the outputs of the eps-model's `layers.Conv`s (named
+    `layers.CONV_CHECKPOINT_NAME`), which "steps" recomputes."""
+    import flax.linen as nn
+
+    from diffjax.models import layers
+
+    class ConvEps(nn.Module):
+        @nn.compact
+        def __call__(self, x, t):
+            h = nn.silu(layers.Conv(32, (3, 3), padding=1)(x))
+            h = h + 0.01 * t.reshape(-1, 1, 1, 1)
+            return 0.1 * layers.Conv(x.shape[-1], (3, 3), padding=1)(h)
+
+    x = images(seed=3, shape=(4, 8, 8, 1))
+    keys = keys_for([0, 1, 2, 3])
+    model = ConvEps()
+    params = model.init(jax.random.key(0), x, jnp.zeros((4,), jnp.int32))
+    eps_fn = jax.tree_util.Partial(model.apply, params)
+    grads, growth = {}, {}
+    for remat in (True, "save_conv", False):
+        temp = []
+        for steps in (6, 12):
+            f = lambda x, remat=remat, steps=steps: jnp.sum(diffusion.purify(
+                eps_fn, x, keys, schedule=SCHED, t_star=30, num_steps=steps, remat=remat) ** 2)
+            g = jax.jit(jax.grad(f))
+            if steps == 6:
+                grads[remat] = np.asarray(g(x))
+            temp.append(g.lower(x).compile().memory_analysis().temp_size_in_bytes)
+        growth[remat] = (temp[1] - temp[0]) / 6  # bytes per added step
+    assert np.abs(grads[True]).max() > 1e-3
+    for remat in ("save_conv", False):
+        np.testing.assert_allclose(grads[remat], grads[True], rtol=1e-5, atol=1e-7)
+    conv_out = 4 * 8 * 8 * 32 * 4  # the first conv's float32 output, per step
+    assert growth[True] < conv_out / 8  # about one image batch per step
+    assert conv_out <= growth["save_conv"] < growth[False]
+    assert diffusion.ChainPurifier(True) == diffusion.ChainPurifier("steps")
+    assert diffusion.ChainPurifier(False).remat == "none"
+
+
+@pytest.mark.parametrize("remat", ["conv", None, 1.0])
+def test_a_bad_remat_is_one_line_naming_the_choices(remat):
+    with pytest.raises(ValueError, match=r"remat: expected True, False or one of 'steps', "
+                                         r"'save_conv', 'none'") as e:
+        diffusion.purify(smooth_eps_fn, images(), keys_for([0, 1, 2]), schedule=SCHED,
+                         t_star=10, num_steps=2, remat=remat)
+    assert "\n" not in str(e.value)
+
+
 def test_compiles_once_per_configuration():
     def eps_fn(x, t):  # a fresh function: its own cache entries
         return 0.1 * x

@@ -109,6 +109,17 @@ def test_every_config_variant_is_valid(variant):
         reproduce.get_config("huge")
 
 
+def test_a_config_with_a_bad_remat_is_refused_by_name():
+    c = reproduce.get_config("quick")
+    with c.unlocked():
+        c.purifier.remat = "save_conv"
+    validate_config(c)  # a mode of diffusion.REMAT_MODES is a valid config value
+    with c.unlocked():
+        c.purifier.remat = "conv"
+    with pytest.raises(ValueError, match=r"config.purifier.remat: expected True, False or one"):
+        validate_config(c)
+
+
 def test_study_scripts_compile_at_llvm_level_1_on_a_cpu_only(monkeypatch):
     from experiments import common
 

@@ -5,6 +5,7 @@ from diffjax.diffusion.purifier import ChainPurifier, make_purifier
 from diffjax.diffusion.samplers import (
     CLIP_GRADIENTS,
     METHODS,
+    REMAT_MODES,
     Chain,
     make_chain,
     purify,
@@ -24,6 +25,7 @@ from diffjax.diffusion.schedules import (
 __all__ = [
     "CLIP_GRADIENTS",
     "METHODS",
+    "REMAT_MODES",
     "Chain",
     "Likelihood",
     "ChainPurifier",

@@ -36,15 +36,19 @@ class ChainPurifier:
     """The static part of a diffusion purifier (hashable: `jit` caches by value).
 
     Attributes:
-      remat: checkpoint each reverse step (memory flat in the step count under `grad`).
+      remat: what a gradient keeps of each reverse step, one of
+        `diffjax.diffusion.REMAT_MODES` ("steps": memory flat in the step count).
       resolution: purify at this size (resize in and out), or None.
 
     Called as `(eps_fn, chain, straight, x, keys)`: `straight` is the bool leaf choosing
     how gradients pass the clips (True: straight-through; False: hard).
     """
 
-    remat: bool = True
+    remat: str = "steps"
     resolution: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", samplers.remat_mode(self.remat))
 
     def __call__(self, eps_fn, chain, straight, x, keys):
         if self.resolution and self.resolution != x.shape[1]:
@@ -65,7 +69,7 @@ def make_purifier(
     t_star: int,
     method: str = "ddpm",
     num_steps: int | None = None,
-    remat: bool = True,
+    remat: bool | str = True,
     clip_denoised: bool = True,
     length: int | None = None,
     resolution: int | None = None,
@@ -81,7 +85,8 @@ def make_purifier(
       method: one of `diffjax.diffusion.METHODS` ("ddpm", "reverse_only", "ddim",
         "reverse_only_ddim", "sde").
       num_steps: reverse steps over [0, t_star) (respaced); None means `t_star` steps.
-      remat: checkpoint each reverse step.
+      remat: what a gradient keeps of each reverse step: True ("steps"), "save_conv" or
+        False ("none") (`diffjax.diffusion.purify`).
       clip_denoised: clip the predicted x0 to [-1, 1] at every discrete step.
       length: pad the chain with identity steps to this many steps (`make_chain`), so
         that purifiers with fewer steps share the compiled program of the longest.
@@ -102,4 +107,5 @@ def make_purifier(
             _checks.fail("eps_fn", "a callable eps_fn(x_t, t)", type(eps_fn).__name__)
         eps_fn = Partial(eps_fn)
     straight = jnp.asarray(clip_gradient == "straight_through")
-    return Partial(ChainPurifier(bool(remat), resolution), eps_fn, chain, straight)
+    return Partial(ChainPurifier(samplers.remat_mode(remat), resolution), eps_fn, chain,
+                   straight)

@@ -35,14 +35,35 @@ import numpy as np
 from diffjax import _checks
 from diffjax.diffusion.schedules import VPSDE, Schedule, from_model_space, to_model_space
 
-__all__ = ["METHODS", "CLIP_GRADIENTS", "Chain", "make_chain", "purify", "respaced_timesteps",
-           "run_chain", "run_chain_program"]
+__all__ = ["METHODS", "CLIP_GRADIENTS", "REMAT_MODES", "remat_mode", "Chain", "make_chain",
+           "purify", "respaced_timesteps", "run_chain", "run_chain_program"]
 
 METHODS = ("ddpm", "reverse_only", "ddim", "reverse_only_ddim", "sde")
 # How the gradient passes the purifier's two clips (the predicted x0 to [-1, 1] at each
 # discrete step, the output to [0, 1]): "hard" is the derivative of the clip (zero where
 # it saturates), "straight_through" the identity (the forward pass is unchanged).
 CLIP_GRADIENTS = ("hard", "straight_through")
+# What a gradient through the chain keeps of each reverse step (`remat`):
+#   "steps" (True): only the step's input; the backward pass recomputes the step's U-Net
+#     call. Memory flat in the step count.
+#   "save_conv": the step's input and its convolutions' outputs (`layers.Conv`, named
+#     `layers.CONV_CHECKPOINT_NAME`); the backward pass recomputes only the elementwise ops,
+#     the dense layers and attention. Memory grows with the steps by those outputs (about a
+#     third of "none"'s on the CIFAR-10 architecture); on XLA:CPU the fastest of the three
+#     (BENCHMARKS.md, "Remat").
+#   "none" (False): every activation of every step.
+REMAT_MODES = ("steps", "save_conv", "none")
+
+
+def remat_mode(remat, name: str = "remat") -> str:
+    """`remat` (True, False or one of `REMAT_MODES`) as one of `REMAT_MODES`; a one-line
+    ValueError naming `name` otherwise."""
+    if isinstance(remat, (bool, np.bool_)):
+        return "steps" if bool(remat) else "none"
+    if not isinstance(remat, str) or remat not in REMAT_MODES:
+        _checks.fail(name, f"True, False or one of {', '.join(map(repr, REMAT_MODES))}",
+                     repr(remat))
+    return remat
 
 
 def respaced_timesteps(t_star: int, num_steps: int) -> np.ndarray:
@@ -237,9 +258,10 @@ def _clip_passing_jvp(lo, hi, primals, tangents):
 
 
 @functools.partial(jax.jit, static_argnames=("remat",))
-def run_chain_program(eps_fn, x, keys, chain: Chain, straight, *, remat: bool):
+def run_chain_program(eps_fn, x, keys, chain: Chain, straight, *, remat: str):
     """`run_chain`'s compiled program (no input checks): one per structure. `straight`: a
-    bool array choosing the clips' gradient (data: both paths share the program)."""
+    bool array choosing the clips' gradient (data: both paths share the program); `remat`:
+    one of `REMAT_MODES`."""
     def clip(v, lo, hi):
         return _clip_passing(v, straight, lo, hi)
 
@@ -255,16 +277,20 @@ def run_chain_program(eps_fn, x, keys, chain: Chain, straight, *, remat: bool):
         noise = _per_example_normal(keys, c.noise_index, x.shape[1:], x.dtype)
         return c.c_x0 * x0 + c.c_x * x + c.c_eps * eps + c.c_noise * noise, None
 
-    if remat:
+    if remat == "steps":
         step = jax.checkpoint(step)
+    elif remat == "save_conv":
+        from diffjax.models.layers import CONV_CHECKPOINT_NAME
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names(
+            CONV_CHECKPOINT_NAME))
     per_step = chain._replace(x_scale=jnp.zeros(chain.num_steps),
                               noise_scale=jnp.zeros(chain.num_steps))
     out, _ = jax.lax.scan(step, x_t, per_step)
     return clip(from_model_space(out), 0.0, 1.0)
 
 
-def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradient: str = "hard",
-              straight=None):
+def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool | str = True,
+              clip_gradient: str = "hard", straight=None):
     """Purifies `x` with a ready `Chain` (`make_chain`); `purify` is this plus `make_chain`.
 
     The compiled program depends on the shapes, `eps_fn`'s structure, `remat` and the
@@ -275,7 +301,7 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradien
       x: `[B, H, W, C]` float images in [0, 1].
       keys: `[B]` typed PRNG keys, one per example.
       chain: the chain's coefficients.
-      remat: checkpoint each step (see `purify`).
+      remat: what a gradient keeps of each step (see `purify`).
       clip_gradient: one of `CLIP_GRADIENTS` (see `purify`).
       straight: None (then `clip_gradient` chooses), or a bool array (may be traced):
         True is "straight_through", False "hard". Either way the choice reaches the
@@ -291,13 +317,13 @@ def run_chain(eps_fn, x, keys, chain: Chain, *, remat: bool = True, clip_gradien
         _checks.fail("chain", "a diffjax.diffusion.Chain (from make_chain)",
                      type(chain).__name__)
     _checks.check_choice(clip_gradient, "clip_gradient", CLIP_GRADIENTS)
+    remat = remat_mode(remat)
     straight = jnp.asarray(clip_gradient == "straight_through" if straight is None
                            else straight)
     if straight.shape != () or straight.dtype != jnp.bool_:
         _checks.fail("straight", "a bool scalar (or None)",
                      f"dtype {straight.dtype} shape {straight.shape}")
-    return run_chain_program(_as_eps_partial(eps_fn), x, keys, chain, straight,
-                             remat=bool(remat))
+    return run_chain_program(_as_eps_partial(eps_fn), x, keys, chain, straight, remat=remat)
 
 
 def _as_eps_partial(eps_fn):
@@ -317,7 +343,7 @@ def purify(
     t_star: int,
     method: str = "ddpm",
     num_steps: int | None = None,
-    remat: bool = True,
+    remat: bool | str = True,
     clip_denoised: bool = True,
     clip_gradient: str = "hard",
 ):
@@ -342,8 +368,11 @@ def purify(
         `"reverse_only_ddim"` (deterministic), `"sde"` (DiffPure: VP-SDE, Euler-Maruyama
         from `t_star / T`, `num_steps` steps of size `t_star / (T num_steps)`).
       num_steps: reverse steps over `[0, t_star)`; None means `t_star`.
-      remat: wrap each step in `jax.checkpoint` (memory flat in the step count when
-        differentiating; costs one extra forward per step on the backward pass).
+      remat: what a gradient keeps of each step (`REMAT_MODES`). True ("steps"): wrap
+        each step in `jax.checkpoint` (memory flat in the step count; one extra forward
+        per step on the backward pass). "save_conv": the same, but keep the
+        convolutions' outputs (recompute only the cheap ops; memory grows with the
+        steps). False ("none"): keep everything.
       clip_denoised: clip the predicted x0 to [-1, 1] at each discrete step (Ho et al.'s
         sampler); not used by `"sde"`.
       clip_gradient: how a gradient passes the clips (of x0, and of the output to

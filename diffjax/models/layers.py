@@ -70,8 +70,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
-__all__ = ["Conv", "conv2d", "attention", "softmax", "GroupNorm", "group_norm", "group_stats"]
+__all__ = ["CONV_CHECKPOINT_NAME", "Conv", "conv2d", "attention", "softmax", "GroupNorm",
+           "group_norm", "group_stats"]
+
+# `Conv`'s output carries this name (`jax.ad_checkpoint.checkpoint_name`; the identity
+# otherwise): a remat policy that saves it (the purifier's ``remat="save_conv"``) keeps the
+# convolutions' outputs and recomputes only the cheap elementwise ops and attention.
+CONV_CHECKPOINT_NAME = "conv"
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _DN_SWAPPED = ("NHWC", "HWOI", "NHWC")
@@ -206,7 +213,7 @@ class Conv(nn.Module):
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)
-        return y
+        return checkpoint_name(y, CONV_CHECKPOINT_NAME)
 
 
 # ------------------------------------------------------------------------------ attention

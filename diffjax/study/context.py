@@ -102,6 +102,7 @@ def validate_config(config) -> None:
                       hi=config.purifier.t_star)
     _checks.check_choice(config.purifier.clip_gradient, "config.purifier.clip_gradient",
                          diffusion.CLIP_GRADIENTS)
+    diffusion.samplers.remat_mode(config.purifier.get("remat", True), "config.purifier.remat")
     try:
         t_stars = as_list(config.compression.t_stars, int)
     except ValueError as e:
@@ -214,7 +215,7 @@ class Study:
         purifier = diffusion.make_purifier(
             self.diffusion_model.eps_fn, schedule=self.schedule, t_star=t_star,
             method=method, num_steps=steps, length=max(int(p.num_steps), steps),
-            remat=bool(p.get("remat", True)), resolution=size or None,
+            remat=p.get("remat", True), resolution=size or None,
             clip_gradient=clip_gradient or p.clip_gradient)
         return Defense(purifier, self.classifier.logits_fn)
 

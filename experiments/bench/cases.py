@@ -61,6 +61,9 @@ from experiments.bench.programs import Purifier, PurifyOne, make_eot_grad, make_
 # eager peer's float32 differences are below 1e-5 of it). torch 2.13.0's inductor on the
 # CPU fails this on `grad_32` (BENCHMARKS.md): that case is timed but gets no ratio.
 COMPILED_RTOL = 1e-3
+# The remat modes a gradient case may also time (`Bench.grad_case`): remat="save_conv" and
+# no remat ("noremat").
+GRAD_MODES = ("save_conv", "noremat")
 
 __all__ = ["Settings", "quick_settings", "full_settings", "tiny_settings", "Bench",
            "run_all"]
@@ -93,7 +96,8 @@ class Settings:
       cifar_compression: also run the compression cases at 32x32x3 (CIFAR size).
       cifar_jac_steps: reverse steps of the CIFAR-size compression cases.
       rss: measure the peer's peak RSS in subprocesses (``grad_t*``).
-      noremat: also time diffjax's gradient without remat (``grad_t*``).
+      noremat: also time diffjax's gradient without remat and with remat="save_conv" in
+        every gradient case (the compiled peer's cases time "save_conv" anyway).
       res32: run ``purify_32`` and ``grad_32`` (32x32x3, `res32_size`).
       res32_size: their U-Net (Ho et al.'s CIFAR-10 architecture at a quarter width).
       res32_steps, res32_purify_batch, res32_grad_batch: their steps and batches.
@@ -257,6 +261,12 @@ class Bench:
             res["ratio_ckpt"] = _ratio(res.get("peer_ckpt_s"), res.get("diffjax_s"))
         if "peer_compiled_s" in res and res.get("peer_compiled_agrees", True):
             res["ratio_compiled"] = _ratio(res.get("peer_compiled_s"), res.get("diffjax_s"))
+        for mode in GRAD_MODES:  # grad_case's other remat modes
+            if f"diffjax_{mode}_s" in res:
+                res[f"ratio_{mode}"] = _ratio(res.get("peer_s"), res[f"diffjax_{mode}_s"])
+                if "ratio_compiled" in res:
+                    res[f"ratio_compiled_{mode}"] = _ratio(res.get("peer_compiled_s"),
+                                                           res[f"diffjax_{mode}_s"])
         self.results[name] = res
         fmt = lambda v: "-" if v is None else f"{v:.4g}"
         compiled = "" if "peer_compiled_s" not in res else (
@@ -309,7 +319,16 @@ class Bench:
 
     def grad_case(self, name: str, size: models.UNetSize, batch: int, steps: int, *,
                   memory: bool = True, what: str | None = None) -> dict:
-        """One full-gradient attack step: diffjax (remat) vs the peer with/without ckpt."""
+        """One full-gradient attack step: diffjax (remat) vs the peer with/without ckpt.
+
+        The other ways diffjax can keep the steps' activations are timed in the same
+        rounds (`diffusion.REMAT_MODES`): ``remat="save_conv"`` where the case times the
+        compiled peer or `Settings.noremat` is set, no remat where `Settings.noremat` is
+        set. Each gets ``diffjax_<mode>_s``, its buffer size, its largest difference from
+        the remat gradient, and its ratios against the eager peer (``ratio_<mode>``) and
+        the compiled peer (``ratio_compiled_<mode>``): neither peer checkpoints, so
+        these compare diffjax keeping no more than the peer keeps (``ratio_ckpt``: remat
+        against the peer's per-step checkpointing)."""
         pair = self.pair(size)
         x, keys, w, labels = self.inputs(size, batch)
         pur = Purifier(self.s.t_star, steps)
@@ -326,9 +345,22 @@ class Bench:
         compiled_peer, extra = self._compiled(
             name, pair, lambda model: self.peer_purifier(pair, steps, model).grad(xt, nz, wt, yt),
             g_j)
-        t = self._time({"diffjax": lambda: compiled(*args), "peer": run_p,
-                        "peer_ckpt": run_pc}, compiled_peer, extra, batch)
+        fns = {"diffjax": lambda: compiled(*args), "peer": run_p, "peer_ckpt": run_pc}
+        modes = (["save_conv"] if self.s.noremat or name in self.s.compiled_peer else []) + (
+            ["noremat"] if self.s.noremat else [])
+        for mode in modes:
+            remat = "none" if mode == "noremat" else mode
+            c_m, cs_m, peak_m = timing.compile_jax(
+                make_grad(Purifier(self.s.t_star, steps, remat=remat)), *args)
+            extra[f"diffjax_{mode}_max_abs_diff"] = float(
+                np.abs(np.asarray(c_m(*args)) - g_j).max())
+            extra[f"diffjax_{mode}_peak_mb"] = peak_m
+            extra[f"diffjax_{mode}_compile_s"] = cs_m
+            fns[f"diffjax_{mode}"] = functools.partial(c_m, *args)
+        t = self._time(fns, compiled_peer, extra, batch)
         tj, tp, tpc = t["diffjax"], t["peer"], t["peer_ckpt"]
+        for mode in modes:
+            extra[f"diffjax_{mode}_s"] = t[f"diffjax_{mode}"] / batch
         if memory:
             params = list(pair.torch_model.parameters())
             extra["peer_saved_mb"] = peer.saved_tensor_mb(run_p, exclude=params)
@@ -341,13 +373,6 @@ class Bench:
                 for ck, key in ((False, "peer_peak_mb"), (True, "peer_ckpt_peak_mb")):
                     extra[key] = timing.rss_probe(pair.model_dir, arrays, t_star=self.s.t_star,
                                                   num_steps=steps, checkpoint=ck)
-            if self.s.noremat:
-                nr = Purifier(self.s.t_star, steps, remat=False)
-                c_nr, cs_nr, peak_nr = timing.compile_jax(make_grad(nr), *args)
-                extra["diffjax_noremat_s"] = timing.median_time(
-                    lambda: c_nr(*args), repeats=self.s.repeats)[0] / batch
-                extra["diffjax_noremat_peak_mb"] = peak_nr
-                extra["diffjax_noremat_compile_s"] = cs_nr
         extra.setdefault("peer_peak_mb", None)
         return self.record(
             name, what or f"full gradient through {steps} steps, batch {batch}, "

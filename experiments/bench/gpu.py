@@ -82,6 +82,10 @@ class GpuSettings:
       iterations, images: the projected evaluation (PGD iterations, test-set sizes).
       compiled_peer, compile_mode, compile_backend, channels_last: the compiled peer
         (`peer.CompiledPeers`; the CPU smoke test: backend ``"eager"``, no codegen).
+      remat: what diffjax's gradients keep of each step (`diffusion.REMAT_MODES`):
+        "steps" (memory flat in the steps; the peers checkpoint each step alike) or
+        "save_conv" (also the convolutions' outputs: less recomputation, memory growing
+        with the steps; `--gpu_remat`).
     """
 
     name: str
@@ -111,6 +115,7 @@ class GpuSettings:
     compile_mode: str | None = "max-autotune"
     compile_backend: str = "inductor"
     channels_last: bool = True
+    remat: str = "steps"
 
 
 def gpu_settings() -> GpuSettings:
@@ -390,8 +395,9 @@ class GpuBench:
                     compile_s=cs, batch=s.check_batch, steps=s.steps)
         x, keys, w, labels = self.inputs(m, s.check_grad_batch)
         args = (x, m.eps["fp32"], self.schedule, keys, w, labels)
-        with profile.jax_precision("highest"):
-            c, cs, _ = timing.compile_jax(make_grad(pur), *args)
+        with profile.jax_precision("highest"):  # the timed cases' gradient program
+            c, cs, _ = timing.compile_jax(
+                make_grad(Purifier(s.t_star, s.steps, remat=s.remat)), *args)
         g_j = np.asarray(c(*args))
         xt, nz, wt, yt = self.peer_inputs(m, x, keys, w, labels, s.steps)
         with peer.exact_fp32():
@@ -447,16 +453,17 @@ class GpuBench:
         s, m = self.s, self.models[key]
         x, keys, w, labels = self.inputs(m, batch)
         args = (x, m.eps[dt], self.schedule, keys, w, labels)
-        c, cs, peak = timing.compile_jax(make_grad(Purifier(s.t_star, s.steps)), *args)
+        c, cs, peak = timing.compile_jax(
+            make_grad(Purifier(s.t_star, s.steps, remat=s.remat)), *args)
         g = np.asarray(c(*args))
         tj = _time(lambda: c(*args), jax.block_until_ready, s)
         rec = dict(diffjax_s=tj / batch, diffjax_images_per_s=batch / tj, compile_s=cs,
                    diffjax_peak_mb=peak, batch=batch, steps=s.steps, dtype=dt, model=key,
-                   **self._achieved(tj / batch, m.flops["forward_flops"]
-                                    + m.flops["grad_flops"]))
+                   remat=s.remat, **self._achieved(tj / batch, m.flops["forward_flops"]
+                                                   + m.flops["grad_flops"]))
         self._vs_fp32(rec, ("diffjax", key, "grad", batch), dt, g)
-        what = (f"{m.label}: full gradient through {s.steps} steps (remat), batch {batch}, "
-                f"{dt}")
+        what = (f"{m.label}: full gradient through {s.steps} steps (remat "
+                f"{s.remat!r}), batch {batch}, {dt}")
         if peer_too and m.torch_model is not None:
             xt, nz, wt, yt = self.peer_inputs(m, x, keys, w, labels, s.steps)
 
@@ -486,7 +493,8 @@ class GpuBench:
         draw_keys = jax.vmap(lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(keys))(
             jnp.arange(s.eot, dtype=jnp.uint32))  # [K, B]
         args = (x, m.eps[dt], self.schedule, draw_keys, w, labels)
-        c, cs, peak = timing.compile_jax(make_eot_grad(Purifier(s.t_star, s.steps)), *args)
+        c, cs, peak = timing.compile_jax(
+            make_eot_grad(Purifier(s.t_star, s.steps, remat=s.remat)), *args)
         jax.block_until_ready(c(*args))
         tj = _time(lambda: c(*args), jax.block_until_ready, s)
         self.record(
@@ -494,6 +502,7 @@ class GpuBench:
             f"{m.label}: EOT-{s.eot} full gradient (vmap over keys), {s.steps} steps, "
             f"batch {batch}, {dt}", diffjax_s=tj / batch, diffjax_images_per_s=batch / tj,
             compile_s=cs, diffjax_peak_mb=peak, batch=batch, steps=s.steps, eot=s.eot,
+            remat=s.remat,
             dtype=dt, model=key, **self._achieved(
                 tj / batch, m.flops["forward_flops"] + m.flops["grad_flops"], s.eot))
 

@@ -26,7 +26,7 @@ class Purifier:
 
     t_star: int
     num_steps: int
-    remat: bool = True
+    remat: bool | str = True  # diffusion.REMAT_MODES
 
     def __call__(self, eps_fn, schedule, x, keys):
         return diffusion.purify(eps_fn, x, keys, schedule=schedule, t_star=self.t_star,

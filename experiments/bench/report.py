@@ -98,6 +98,12 @@ def markdown_table(results: dict) -> str:
             what += (f"; rate {_fmt(r['rate'])} vs exact {_fmt(r['rate_exact'])}, rel. error "
                      f"{_fmt(r['rel_error'])}, {_fmt(r['speedup_vs_exact'])}x faster than "
                      "diffjax exact")
+        for mode, label in (("save_conv", 'remat="save_conv"'), ("noremat", "no remat")):
+            if r.get(f"diffjax_{mode}_s") is not None:
+                what += (f"; diffjax with {label}: {_fmt(r[f'diffjax_{mode}_s'])} s/img, "
+                         f"ratio {_fmt(r.get(f'ratio_{mode}'))}, compiled ratio "
+                         f"{_fmt(r.get(f'ratio_compiled_{mode}'))}, "
+                         f"{_fmt(r.get(f'diffjax_{mode}_peak_mb'))} MB")
         if r.get("peer_extrapolated_from_rows"):
             what += f"; peer time extrapolated from {r['peer_extrapolated_from_rows']} rows"
         compiled = _fmt(r.get("peer_compiled_s"))

@@ -83,7 +83,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.purifier.t_star = 100
     c.purifier.num_steps = 4
     c.purifier.resolution = 0  # 0: the diffusion model's own image size
-    c.purifier.remat = False  # 10 steps of a 0.28M U-Net on 8x8: the activations are small
+    # What a gradient keeps of each reverse step: True ("steps"), "save_conv" or False
+    # ("none") (diffjax.diffusion.REMAT_MODES). 4 steps of a 0.28M U-Net on 8x8: the
+    # activations are small, so all of them.
+    c.purifier.remat = ml_collections.FieldReference(False, field_type=object)
     c.purifier.clip_gradient = "hard"
 
     # The purified models' attack; the undefended classifier (cheap) gets AutoAttack's.
