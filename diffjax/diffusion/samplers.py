@@ -49,8 +49,8 @@ CLIP_GRADIENTS = ("hard", "straight_through")
 #   "save_conv": the step's input and its convolutions' outputs (`layers.Conv`, named
 #     `layers.CONV_CHECKPOINT_NAME`); the backward pass recomputes only the elementwise ops,
 #     the dense layers and attention. Memory grows with the steps by those outputs (about a
-#     third of "none"'s on the CIFAR-10 architecture); on XLA:CPU the fastest of the three
-#     (BENCHMARKS.md, "Remat").
+#     quarter of "none"'s on the CIFAR-10 architecture); on XLA:CPU usually the fastest of
+#     the three (BENCHMARKS.md, "remat that keeps the convolutions' outputs").
 #   "none" (False): every activation of every step.
 REMAT_MODES = ("steps", "save_conv", "none")
 
@@ -261,7 +261,9 @@ def _clip_passing_jvp(lo, hi, primals, tangents):
 def run_chain_program(eps_fn, x, keys, chain: Chain, straight, *, remat: str):
     """`run_chain`'s compiled program (no input checks): one per structure. `straight`: a
     bool array choosing the clips' gradient (data: both paths share the program); `remat`:
-    one of `REMAT_MODES`."""
+    one of `REMAT_MODES` (or a bool, as `run_chain` takes it)."""
+    remat = remat_mode(remat)
+
     def clip(v, lo, hi):
         return _clip_passing(v, straight, lo, hi)
 

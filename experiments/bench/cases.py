@@ -326,9 +326,9 @@ class Bench:
         compiled peer or `Settings.noremat` is set, no remat where `Settings.noremat` is
         set. Each gets ``diffjax_<mode>_s``, its buffer size, its largest difference from
         the remat gradient, and its ratios against the eager peer (``ratio_<mode>``) and
-        the compiled peer (``ratio_compiled_<mode>``): neither peer checkpoints, so
-        these compare diffjax keeping no more than the peer keeps (``ratio_ckpt``: remat
-        against the peer's per-step checkpointing)."""
+        the compiled peer (``ratio_compiled_<mode>``). Neither peer checkpoints: each
+        keeps every activation, as remat=False does (``ratio_ckpt``: remat against the
+        peer's per-step checkpointing)."""
         pair = self.pair(size)
         x, keys, w, labels = self.inputs(size, batch)
         pur = Purifier(self.s.t_star, steps)
