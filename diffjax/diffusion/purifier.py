@@ -107,5 +107,4 @@ def make_purifier(
             _checks.fail("eps_fn", "a callable eps_fn(x_t, t)", type(eps_fn).__name__)
         eps_fn = Partial(eps_fn)
     straight = jnp.asarray(clip_gradient == "straight_through")
-    return Partial(ChainPurifier(samplers.remat_mode(remat), resolution), eps_fn, chain,
-                   straight)
+    return Partial(ChainPurifier(remat, resolution), eps_fn, chain, straight)

@@ -282,6 +282,7 @@ def run_chain_program(eps_fn, x, keys, chain: Chain, straight, *, remat: str):
     if remat == "steps":
         step = jax.checkpoint(step)
     elif remat == "save_conv":
+        # Imported here: `import diffjax.diffusion` does not load flax.
         from diffjax.models.layers import CONV_CHECKPOINT_NAME
         step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names(
             CONV_CHECKPOINT_NAME))

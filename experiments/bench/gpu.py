@@ -346,6 +346,10 @@ class GpuBench:
         return (peer.to_nchw(x).to(dev), nz, torch.from_numpy(np.array(w)).to(dev),
                 torch.from_numpy(np.array(labels)).long().to(dev))
 
+    def _grad_purifier(self) -> Purifier:
+        """The purifier every gradient case (and the gradient agreement check) runs."""
+        return Purifier(self.s.t_star, self.s.steps, remat=self.s.remat)
+
     def _achieved(self, s_per_image: float, per_step_flops: float, mult: int = 1):
         peaks = dict(profile.H100_PEAKS)
         probe = self.meta.get("precision", {}).get("jax_bf16_matmul_tflops")
@@ -396,8 +400,7 @@ class GpuBench:
         x, keys, w, labels = self.inputs(m, s.check_grad_batch)
         args = (x, m.eps["fp32"], self.schedule, keys, w, labels)
         with profile.jax_precision("highest"):  # the timed cases' gradient program
-            c, cs, _ = timing.compile_jax(
-                make_grad(Purifier(s.t_star, s.steps, remat=s.remat)), *args)
+            c, cs, _ = timing.compile_jax(make_grad(self._grad_purifier()), *args)
         g_j = np.asarray(c(*args))
         xt, nz, wt, yt = self.peer_inputs(m, x, keys, w, labels, s.steps)
         with peer.exact_fp32():
@@ -453,8 +456,7 @@ class GpuBench:
         s, m = self.s, self.models[key]
         x, keys, w, labels = self.inputs(m, batch)
         args = (x, m.eps[dt], self.schedule, keys, w, labels)
-        c, cs, peak = timing.compile_jax(
-            make_grad(Purifier(s.t_star, s.steps, remat=s.remat)), *args)
+        c, cs, peak = timing.compile_jax(make_grad(self._grad_purifier()), *args)
         g = np.asarray(c(*args))
         tj = _time(lambda: c(*args), jax.block_until_ready, s)
         rec = dict(diffjax_s=tj / batch, diffjax_images_per_s=batch / tj, compile_s=cs,
@@ -493,8 +495,7 @@ class GpuBench:
         draw_keys = jax.vmap(lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(keys))(
             jnp.arange(s.eot, dtype=jnp.uint32))  # [K, B]
         args = (x, m.eps[dt], self.schedule, draw_keys, w, labels)
-        c, cs, peak = timing.compile_jax(
-            make_eot_grad(Purifier(s.t_star, s.steps, remat=s.remat)), *args)
+        c, cs, peak = timing.compile_jax(make_eot_grad(self._grad_purifier()), *args)
         jax.block_until_ready(c(*args))
         tj = _time(lambda: c(*args), jax.block_until_ready, s)
         self.record(
