@@ -461,8 +461,8 @@ class GpuBench:
         tj = _time(lambda: c(*args), jax.block_until_ready, s)
         rec = dict(diffjax_s=tj / batch, diffjax_images_per_s=batch / tj, compile_s=cs,
                    diffjax_peak_mb=peak, batch=batch, steps=s.steps, dtype=dt, model=key,
-                   remat=s.remat, **self._achieved(tj / batch, m.flops["forward_flops"]
-                                                   + m.flops["grad_flops"]))
+                   remat=s.remat,
+                   **self._achieved(tj / batch, profile.grad_step_flops(m.flops, s.remat)))
         self._vs_fp32(rec, ("diffjax", key, "grad", batch), dt, g)
         what = (f"{m.label}: full gradient through {s.steps} steps (remat "
                 f"{s.remat!r}), batch {batch}, {dt}")
@@ -505,7 +505,7 @@ class GpuBench:
             compile_s=cs, diffjax_peak_mb=peak, batch=batch, steps=s.steps, eot=s.eot,
             remat=s.remat,
             dtype=dt, model=key, **self._achieved(
-                tj / batch, m.flops["forward_flops"] + m.flops["grad_flops"], s.eot))
+                tj / batch, profile.grad_step_flops(m.flops, s.remat), s.eot))
 
     def memory_case(self, key: str = "ddpm") -> None:
         """Gradient memory against the step count: diffjax (XLA buffers) and the peer."""

@@ -71,8 +71,8 @@ def _recount_flops(data: dict, s) -> None:
         if name.startswith("_") or r.get("diffjax_tflops") is None or r.get("model") not in new:
             continue
         f = new[r["model"]]
-        per_step = f["forward_flops"] if "purify" in name else (
-            f["forward_flops"] + f["grad_flops"])
+        per_step = f["forward_flops"] if "purify" in name else profile.grad_step_flops(
+            f, r.get("remat", "steps"))
         flops = per_step * r.get("steps", s.steps) * r.get("eot", 1)
         scale = flops / r["flops_per_image"]
         r["flops_per_image"] = flops

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 
-__all__ = ["GPU_PEAKS", "H100_PEAKS", "PAPER_DAYS", "eps_flops", "abstract_eps",
+__all__ = ["GPU_PEAKS", "H100_PEAKS", "PAPER_DAYS", "eps_flops", "grad_step_flops",
+           "abstract_eps",
            "model_flops", "peer_top_ops", "xla_achieved", "achieved", "projection",
            "measured_projection", "precision_probe", "jax_precision"]
 
@@ -94,6 +95,16 @@ def eps_flops(eps_fn, resolution: int, channels: int) -> dict:
         return float(cost["flops"])
 
     return {"forward_flops": flops(fwd), "grad_flops": flops(grad)}
+
+
+def grad_step_flops(flops: dict, remat: str = "steps") -> float:
+    """FLOPs one reverse step costs a full gradient, from `eps_flops`' counts: the
+    forward pass and the input-gradient (``grad_flops``: one forward and one backward),
+    plus, with ``remat="steps"``, the forward recomputed on the backward pass.
+    ``"save_conv"`` recomputes only elementwise ops, dense layers and attention (no
+    convolution), ``"none"`` nothing: their count is ``grad_flops``."""
+    extra = flops["forward_flops"] if remat == "steps" else 0.0
+    return extra + flops["grad_flops"]
 
 
 def abstract_eps(kind: str, config: dict):
