@@ -162,6 +162,25 @@ def test_gradient_paths_and_protocols_share_programs(tiny):
     assert out["fresh"]["independent_adv_draws"].shape == (3, m)
 
 
+def test_jacobians_from_the_shared_oracle_equal_the_metrics(tiny):
+    """`config.shared_oracle`: the sweep's exact Jacobians come from the attacks' gradient
+    program, row by row; rate and spectrum equal `metrics`' own (`_measure`)."""
+    from diffjax.study import compression
+
+    ddpm, path, _, _ = tiny
+    study = Study(tiny_study_config(ddpm), Workdir(path, log=quiet), quiet)
+    assert study.shared_oracle
+    d = study.defense("ddpm", 10)
+    rows = study.rows(3)  # 3 examples x 64 rows: 48 batches of 4, the last one padded
+    got = compression._measure_shared(study, d, rows, "exact")
+    want = compression._measure(d.purify_fn, study.x[rows], study.keys[rows],
+                                estimator="exact", spectrum="exact", top_k=1, num_probes=2,
+                                chunk_size=64, ad_mode="reverse")
+    np.testing.assert_allclose(got["rate"], want["rate"], rtol=1e-5)
+    np.testing.assert_allclose(got["sv"], want["sv"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(got["stderr"], 0.0)
+
+
 def test_report_is_rendered_from_results_json(tiny):
     _, path, _, paths = tiny
     before = paths["report"].read_text()

@@ -85,6 +85,9 @@ class APGDConfig:
     target_rank: int = 2
     keep_fooling_point: bool = True
     return_trajectory: bool = False
+    # `init` and `finish` use neither the protocol nor the estimator (`engine.for_init`).
+    init_uses_protocol = False
+    finish_uses_protocol = False
 
     def __post_init__(self):
         _checks.check_choice(self.norm, "norm", NORMS)
@@ -161,16 +164,31 @@ class APGDConfig:
             counter=jnp.zeros((b,), jnp.int32), target=target)
         return state
 
+    def _loss_index(self, ctx):
+        return ctx.options.get("loss", jnp.int32(APGD_LOSSES.index(self.loss)))
+
+    def query(self, ctx, protocol, x, y, s, i):
+        """What iteration `i` asks the gradient oracle (`engine.advance_shared`): the point,
+        the purifier keys `[K, B]`, the index of the loss in `gradients.LOSSES` and the
+        target classes."""
+        del x, y
+        index = jnp.asarray([gradients.LOSSES.index(v) for v in APGD_LOSSES],
+                            jnp.int32)[self._loss_index(ctx)]
+        return s["x_cand"], protocol.attack_keys(ctx.example_keys, i), index, s["target"]
+
     def step(self, ctx, protocol, x, y, s, i):
+        keys = protocol.attack_keys(ctx.example_keys, i)
+        loss, grad, logits = gradients.loss_and_grad(
+            ctx.defense, s["x_cand"], y, keys, loss=APGD_LOSSES, gradient=self.gradient,
+            target=s["target"], loss_index=self._loss_index(ctx))
+        return self.absorb(ctx, protocol, x, y, s, i, keys, loss, grad, logits)
+
+    def absorb(self, ctx, protocol, x, y, s, i, keys, loss, grad, logits):
+        """The rest of `step`, given the oracle's answer at `query`'s point."""
         n = self._steps(ctx)
         n_iter_min, size_decr = jnp.maximum((6 * n) // 100, 1), jnp.maximum((3 * n) // 100, 1)
         j = i.astype(jnp.int32)
         first = j == 0
-        loss_index = ctx.options.get("loss", jnp.int32(APGD_LOSSES.index(self.loss)))
-        keys = protocol.attack_keys(ctx.example_keys, i)
-        loss, grad, logits = gradients.loss_and_grad(
-            ctx.defense, s["x_cand"], y, keys, loss=APGD_LOSSES, gradient=self.gradient,
-            target=s["target"], loss_index=loss_index)
         xc = s["x_cand"]
         pred = jnp.argmax(logits, axis=-1) == y
 

@@ -48,12 +48,14 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from diffjax import _checks, protocols
+from diffjax.attacks import gradients
 
 __all__ = [
     "AttackResult", "Context", "validate", "static_and_budget", "run", "init_state",
     "advance", "finish_state", "to_auto", "restore", "auto_mesh", "per_example",
     "make_context", "flat_norm", "bcast", "result_of", "run_program", "init_program",
-    "advance_program", "finish_program",
+    "advance_program", "finish_program", "for_init", "for_finish", "shares_oracle",
+    "advance_shared",
 ]
 
 
@@ -262,6 +264,86 @@ def advance_program(ctx, x, y, state, start, *, attack, protocol, length):
     return state, attack.fooled(state)
 
 
+def for_init(attack, protocol):
+    """`(attack, protocol)` as `init_program` is keyed: an attack whose start depends on
+    neither the protocol nor the gradient estimator (`init_uses_protocol = False`: PGD,
+    APGD) gets canonical ones, so its variants (realization, fresh draws, BPDA) share one
+    compiled init program."""
+    if getattr(attack, "init_uses_protocol", True):
+        return attack, protocol
+    return _plain(attack), protocols.Fixed()
+
+
+def for_finish(attack, protocol):
+    """`(attack, protocol)` as `finish_program` is keyed (`for_init`'s rule, with the
+    attack's `finish_uses_protocol`: APGD's result is its state's)."""
+    if getattr(attack, "finish_uses_protocol", True):
+        return attack, protocol
+    return _plain(attack), protocols.Fixed()
+
+
+def _plain(attack):
+    """`attack` with the default gradient estimator (for programs that do not use it)."""
+    if hasattr(attack, "gradient"):
+        return dataclasses.replace(attack, gradient=gradients.Gradient())
+    return attack
+
+
+def shares_oracle(attack) -> bool:
+    """True when `attack` can run on the shared gradient oracle (`advance_shared`): it splits
+    its step into `query` and `absorb` around one `gradients.loss_and_grad`."""
+    return hasattr(attack, "query") and hasattr(attack, "absorb")
+
+
+@functools.partial(jax.jit, static_argnames=("attack", "protocol"))
+def _query_program(ctx, x, y, state, i, *, attack, protocol):
+    xq, keys, loss_index, target = attack.query(ctx, protocol, x, y, state, i)
+    return xq, tuple(jax.random.key_data(keys)), loss_index, target
+
+
+@functools.partial(jax.jit, static_argnames=("attack", "protocol"))
+def _absorb_program(ctx, x, y, state, i, key_data, answers, *, attack, protocol):
+    losses, grads, logits = gradients.combine_draws(answers)
+    keys = jax.random.wrap_key_data(jnp.stack(key_data))
+    state, _ = attack.absorb(ctx, protocol, x, y, state, i, keys, losses, grads, logits)
+    return state, attack.fooled(state)
+
+
+def advance_shared(ctx, x, y, state, start: int, stop: int, *, attack, protocol):
+    """`advance_program`'s iterations `start .. stop - 1` on the shared gradient oracle.
+
+    The same attack as `advance_program`, split at its one gradient: per iteration a small
+    program asks (`attack.query`: the point, the purifier keys `[K, B]`, the loss, the
+    target), `gradients.oracle_program` answers once per draw, and a small program takes
+    the answer (`attack.absorb`, after `gradients.combine_draws`). Every attack, protocol,
+    EOT count and measurement of one defense structure and batch shape then shares ONE
+    compiled program through the purifier's gradient; on a CPU, where compiling one
+    costs seconds, that is most of a study's compile time (BENCHMARKS.md). The arithmetic
+    is the in-program step's, compiled in other programs: results agree with
+    `advance_program` to float32 rounding, not bit for bit. `attack` is the static config
+    (`static_and_budget`); iterations are run up to `stop` (the caller's count: no masked
+    no-ops).
+
+    Returns:
+      `(state, fooled [B])`.
+    """
+    fooled = attack.fooled(state)
+    kind = attack.gradient.kind
+    plain = _plain(attack)  # the query and the answer do not depend on the estimator
+    zero, one = jnp.zeros_like(x), jnp.float32(1.0)
+    for i in range(int(start), int(stop)):
+        it = jnp.uint32(i)
+        xq, key_data, loss_index, target = _query_program(ctx, x, y, state, it,
+                                                          attack=plain, protocol=protocol)
+        answers = tuple(
+            gradients.oracle_call(ctx.defense, xq, y, jax.random.wrap_key_data(k), target,
+                                  loss_index, zero, one, kind=kind)
+            for k in key_data)
+        state, fooled = _absorb_program(ctx, x, y, state, it, key_data, answers,
+                                        attack=plain, protocol=protocol)
+    return state, fooled
+
+
 @functools.partial(jax.jit, static_argnames=("attack", "protocol"))
 def finish_program(ctx, x, y, state, *, attack, protocol):
     """The `AttackResult` of a state (no trajectory)."""
@@ -319,8 +401,9 @@ def init_state(attack, defense, x, y, example_keys, protocol):
                                       getattr(attack, "gradient", None), attack)
     static, eps, step, options = static_and_budget(attack)
     ctx = make_context(defense, example_keys, eps, step, x.shape[0], options)
-    return ctx, protocol, init_program(ctx, x, jnp.asarray(y, jnp.int32), attack=static,
-                                       protocol=protocol)
+    a, p = for_init(static, protocol)
+    return ctx, protocol, init_program(ctx, x, jnp.asarray(y, jnp.int32), attack=a,
+                                       protocol=p)
 
 
 def advance(attack, protocol, ctx, x, y, state, start: int, length: int):
@@ -339,5 +422,5 @@ def finish_state(attack, protocol, ctx, x, y, state) -> AttackResult:
     """The `AttackResult` of a state (no trajectory in chunked runs)."""
     static = static_and_budget(attack)[0]
     protocol = protocols.as_protocol(protocol)
-    return finish_program(ctx, x, jnp.asarray(y, jnp.int32), state, attack=static,
-                          protocol=protocol)
+    a, p = for_finish(static, protocol)
+    return finish_program(ctx, x, jnp.asarray(y, jnp.int32), state, attack=a, protocol=p)

@@ -235,8 +235,39 @@ _correlation_jit = jax.jit(_correlation,
                            static_argnames=("eot", "loss", "kind", "eot_batch_size"))
 
 
+@functools.partial(jax.jit, static_argnames=("eot",))
+def _correlation_keys(example_keys, salt, *, eot):
+    fixed = protocols.realization(example_keys)[None]
+    fresh = protocols.correlation_keys(example_keys, salt, eot)
+    return jax.random.key_data(jnp.concatenate([fixed, fresh], axis=0))
+
+
+@jax.jit
+def _cosine_of_draws(grads):
+    b = grads[0].shape[0]
+    a = jnp.mean(jnp.stack(grads[1:]), axis=0).reshape(b, -1)
+    f = grads[0].reshape(b, -1)
+    num = jnp.sum(a * f, axis=-1)
+    den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(f, axis=-1)
+    return num / jnp.maximum(den, 1e-30)
+
+
+def _correlation_shared(defense, x, y, example_keys, salt, *, eot, loss, kind):
+    """`_correlation` on the shared gradient oracle (`gradients.oracle_program`): the K + 1
+    gradients one draw at a time, in the program the shared attacks use."""
+    key_data = _correlation_keys(example_keys, salt, eot=eot)
+    index = jnp.int32(gradients.LOSSES.index(loss))
+    zero, one = jnp.zeros_like(x), jnp.float32(1.0)
+    target = jnp.zeros_like(y)
+    grads = tuple(gradients.oracle_call(defense, x, y, jax.random.wrap_key_data(k), target,
+                                           index, zero, one, kind=kind)[1]
+                  for k in key_data)
+    return _cosine_of_draws(grads)
+
+
 def gradient_correlation(defense, x, y, keys, *, eot: int, key, loss: str = "ce",
-                         kind: str = "full", eot_batch_size: int | None = None):
+                         kind: str = "full", eot_batch_size: int | None = None,
+                         shared_oracle: bool = False):
     """Per-example cosine between the EOT-K gradient and the fixed-randomness gradient.
 
     The paper (Section 4) reports ~0.17 on CIFAR-10: the EOT gradient, averaged over fresh
@@ -255,6 +286,10 @@ def gradient_correlation(defense, x, y, keys, *, eot: int, key, loss: str = "ce"
       loss: the attack loss ("ce", "margin", "dlr").
       kind: "full" or "bpda" for both gradients.
       eot_batch_size: chunk size of the K draws (None: all at once).
+      shared_oracle: take the K + 1 gradients one draw at a time from the shared gradient
+        oracle (`gradients.oracle_program`, the program of attacks run with
+        `Cascade(shared_oracle=True)`) instead of compiling a program of their own;
+        `eot_batch_size` does not apply. Agrees to float32 rounding.
 
     Returns:
       `[B]` cosines in [-1, 1].
@@ -273,6 +308,10 @@ def gradient_correlation(defense, x, y, keys, *, eot: int, key, loss: str = "ce"
     salt = jax.random.bits(key, dtype=jnp.uint32)
     like = x
     defense, x, y, keys = engine.to_auto((defense, x, y, keys))
-    out = _correlation_jit(defense, x, jnp.asarray(y, jnp.int32), keys, salt, eot=eot,
-                           loss=loss, kind=kind, eot_batch_size=eot_batch_size)
+    if shared_oracle:
+        out = _correlation_shared(defense, x, jnp.asarray(y, jnp.int32), keys, salt, eot=eot,
+                                  loss=loss, kind=kind)
+    else:
+        out = _correlation_jit(defense, x, jnp.asarray(y, jnp.int32), keys, salt, eot=eot,
+                               loss=loss, kind=kind, eot_batch_size=eot_batch_size)
     return engine.restore(out, like)

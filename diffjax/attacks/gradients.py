@@ -33,11 +33,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffjax import _checks
 
 __all__ = ["Gradient", "LOSSES", "attack_loss", "select_loss", "straight_through",
-           "loss_and_grad", "per_draw_loss_and_grad"]
+           "loss_and_grad", "per_draw_loss_and_grad", "oracle", "oracle_program",
+           "oracle_call", "combine_draws"]
 
 LOSSES = ("ce", "margin", "dlr", "dlr_targeted")
 KINDS = ("full", "bpda")
@@ -215,3 +218,79 @@ def per_draw_loss_and_grad(defense, x, y, draw_keys, *, loss, kind: str,
     if eot_batch_size is None:
         return jax.vmap(one)(draw_keys)
     return jax.lax.map(one, draw_keys, batch_size=eot_batch_size)
+
+
+# ------------------------------------------------------------------ the shared oracle
+#
+# On a CPU most of a study's time is XLA compiling, and every program that differentiates
+# through the purifier costs seconds to build. The oracle is the one program that does:
+# the loss and input gradient of ONE draw of the purifier for a batch, with everything
+# that varies between its callers as data -- the keys (the realization, a fresh EOT draw,
+# a correlation draw), the loss (`loss_index` into `LOSSES`) and APGD-T's target, the
+# estimator (full or BPDA), and a cotangent on the purified images with a weight on the
+# loss, so that the rows of the purifier's Jacobian come from the same program
+# (`weight=0`, `cotangent` a basis vector). Attacks run on it through
+# `diffjax.attacks.engine.advance_shared` (a host loop of iterations); the gradient
+# correlation and the study's Jacobians call it directly: one gradient program per
+# defense structure and batch shape, where the in-program attacks compile one per
+# attack, EOT count and estimator, and each measurement one of its own.
+
+
+def oracle(defense, x, y, keys, target, loss_index, cotangent, weight, bpda):
+    """`(losses [B], grad [B,H,W,C], logits [B, C])` of one draw (`keys` `[B]`): the
+    gradient of `weight * sum(losses) + sum(cotangent * purified)` with respect to `x`,
+    `losses = LOSSES[loss_index]` (traced), `target` APGD-T's classes `[B]` (any for the
+    other losses), through the purifier (`bpda` False) or through the identity in its
+    place (`bpda` True, traced: BPDA's gradient; the forward value is the purified image
+    either way, bit for bit)."""
+
+    def objective(xx):
+        purified = defense.purify_fn(xx, keys)
+        # BPDA: the purifier's own gradient stopped, the identity's added (its value is an
+        # exact zero, so the forward value is untouched).
+        purified = (jnp.where(bpda, jax.lax.stop_gradient(purified), purified)
+                    + jnp.where(bpda, xx - jax.lax.stop_gradient(xx), 0.0))
+        logits = defense.logits_fn(purified)
+        losses = select_loss(logits, y, LOSSES, loss_index, target)
+        total = weight * jnp.sum(losses) + jnp.sum(cotangent * purified)
+        return total, (losses, logits)
+
+    g, (losses, logits) = jax.grad(objective, has_aux=True)(x)
+    return losses, g, logits
+
+
+oracle_program = jax.jit(oracle)
+"""`oracle` compiled: one program per defense structure, shapes and shardings."""
+
+
+def oracle_call(defense, x, y, keys, target, loss_index, cotangent, weight, *,
+                kind: str = "full"):
+    """`oracle_program` with the estimator named (`kind`: "full" or "bpda") and its inputs
+    placed one way whoever calls: the per-example arrays split over the batch axes of
+    `y`'s sharding (none if `y` is not on a mesh) and the scalars replicated, so that
+    callers whose arrays come from different programs (an attack's query, the study's
+    batches) reuse one compiled program."""
+    _checks.check_choice(kind, "kind", KINDS)
+    bpda = jnp.asarray(kind == "bpda")
+    s = getattr(y, "sharding", None)
+    if isinstance(s, NamedSharding) and not isinstance(y, jax.core.Tracer):
+        axes = s.spec[0] if len(s.spec) else None
+
+        def put(a):
+            a = jnp.asarray(a)
+            spec = P(axes, *([None] * (a.ndim - 1))) if a.ndim else P()
+            return jax.device_put(a, NamedSharding(s.mesh, spec))
+
+        x, y, keys, target, cotangent = map(put, (x, y, keys, target, cotangent))
+        loss_index, weight, bpda = put(loss_index), put(weight), put(bpda)
+    return oracle_program(defense, x, y, keys, target, loss_index, cotangent, weight, bpda)
+
+
+def combine_draws(outputs):
+    """`loss_and_grad`'s EOT average of K oracle outputs `[(losses, grad, logits)]`: the mean
+    loss and gradient over the draws and the logits of draw 0."""
+    if len(outputs) == 1:
+        return outputs[0]
+    losses = jnp.mean(jnp.stack([o[0] for o in outputs]), axis=0)
+    grads = jnp.mean(jnp.stack([o[1] for o in outputs]), axis=0)
+    return losses, grads, outputs[0][2]

@@ -68,6 +68,8 @@ class PGDConfig:
     gradient: gradients.Gradient = gradients.Gradient()
     keep_fooling_point: bool = True
     return_trajectory: bool = False
+    # `init` uses neither the protocol nor the estimator (`engine.for_init`).
+    init_uses_protocol = False
 
     def __post_init__(self):
         _checks.check_choice(self.norm, "norm", NORMS)
@@ -105,10 +107,22 @@ class PGDConfig:
             x0 = x
         return {"x": x0, "fooled": jnp.zeros(x.shape[0], bool)}
 
+    def query(self, ctx, protocol, x, y, state, i):
+        """What iteration `i` asks the gradient oracle (`engine.advance_shared`): the point,
+        the purifier keys `[K, B]`, the index of the loss in `gradients.LOSSES` and the
+        target classes (unused)."""
+        del x
+        return (state["x"], protocol.attack_keys(ctx.example_keys, i),
+                jnp.int32(gradients.LOSSES.index(self.loss)), jnp.zeros_like(y))
+
     def step(self, ctx, protocol, x, y, state, i):
         keys = protocol.attack_keys(ctx.example_keys, i)
         losses, g, logits = gradients.loss_and_grad(ctx.defense, state["x"], y, keys,
                                                     loss=self.loss, gradient=self.gradient)
+        return self.absorb(ctx, protocol, x, y, state, i, keys, losses, g, logits)
+
+    def absorb(self, ctx, protocol, x, y, state, i, keys, losses, g, logits):
+        """The rest of `step`, given the oracle's answer at `query`'s point."""
         moved = project(state["x"] + bcast(ctx.step_size, g) * normalize(g, self.norm), x,
                         ctx.eps, self.norm)
         if self._freezes(protocol):

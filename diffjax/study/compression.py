@@ -29,9 +29,10 @@ import threading
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from diffjax import analysis, metrics, stats
+from diffjax import _checks, analysis, metrics, stats
 from diffjax.study import robustness
 from diffjax.study.context import Study, as_list
 
@@ -70,6 +71,48 @@ def _measure(purify_fn, x, key_data, *, estimator, spectrum, top_k, num_probes, 
     return out
 
 
+def _jacobian_rows(defense, x, key_data, index, *, d: int):
+    """Rows `index` `[B]` of the Jacobian of the purifier under the realization of each
+    row's example (`x`, `key_data`: that example's, repeated), from the shared gradient
+    oracle: the gradient of `<e_index, purify(x)>` (the loss weighted 0)."""
+    from diffjax import protocols
+    from diffjax.attacks import gradients
+
+    keys = protocols.realization(jax.random.wrap_key_data(key_data))
+    basis = jax.nn.one_hot(index, d, dtype=x.dtype).reshape(x.shape)
+    y = index * 0
+    _, rows, _ = gradients.oracle_call(defense, x, y, keys, y, jnp.int32(0), basis,
+                                       jnp.float32(0.0), kind="full")
+    return {"row": rows.reshape(rows.shape[0], -1)}
+
+
+@functools.partial(jax.jit, static_argnames=("spectrum",))
+def _from_jacobians(jac, *, spectrum):
+    """`_measure`'s exact outputs from the Jacobians `[k, d_out, d_in]` themselves."""
+    rate = jnp.sqrt(jnp.sum(jnp.square(jac), axis=(1, 2)) / jac.shape[2])
+    out = {"rate": rate, "stderr": jnp.zeros_like(rate), "finite": jnp.isfinite(jac).all()}
+    if spectrum == "exact":
+        out["sv"] = jax.vmap(lambda m: jnp.linalg.svd(m, compute_uv=False))(jac)
+    return out
+
+
+def _measure_shared(study: Study, defense, rows, spectrum: str) -> dict:
+    """`_measure` with the exact estimator, the Jacobians' rows taken from the shared
+    gradient oracle (`config.shared_oracle`: the program every attack of the study runs
+    on) in batches of the study's batch size, instead of a program of their own."""
+    x, keys = study.x[rows], study.keys[rows]
+    k, d = len(rows), int(np.prod(x.shape[1:]))
+    rep = np.repeat(np.arange(k), d)
+    index = np.tile(np.arange(d, dtype=np.int32), k)
+    got = study.map_batches(functools.partial(_jacobian_rows, defense, d=d), x[rep],
+                            keys[rep], index)
+    out = _from_jacobians(jnp.asarray(got["row"].reshape(k, d, d)), spectrum=spectrum)
+    if not bool(out.pop("finite")):
+        _checks.fail("purifier", "finite outputs and derivatives at the clean images",
+                     "NaN/Inf in a Jacobian", "check the diffusion checkpoint")
+    return {name: np.asarray(v) for name, v in out.items()}
+
+
 def compression_point(study: Study, method: str, t_star: int,
                       num_attack_examples: int | None = None,
                       num_rate_examples: int | None = None) -> dict:
@@ -84,13 +127,18 @@ def compression_point(study: Study, method: str, t_star: int,
     def compute():
         d = study.defense(method, t_star)
         rows = study.rows(k)
+        exact = c.estimator == "exact" or (
+            c.estimator == "auto" and int(np.prod(study.x.shape[1:])) <= metrics.EXACT_MAX_DIM)
         with _SPECTRUM_LOCK:
-            got = study.map_batches(functools.partial(
-                _measure, d.purify_fn, estimator=c.estimator, spectrum=c.spectrum,
-                top_k=int(c.top_k), num_probes=int(c.num_probes),
-                chunk_size=int(c.chunk_size),
-                lanczos_iterations=int(c.get("lanczos_iterations") or 0) or None,
-                ad_mode=c.ad_mode), study.x[rows], study.keys[rows])
+            if study.shared_oracle and exact and c.spectrum in ("exact", "none"):
+                got = _measure_shared(study, d, rows, c.spectrum)
+            else:
+                got = study.map_batches(functools.partial(
+                    _measure, d.purify_fn, estimator=c.estimator, spectrum=c.spectrum,
+                    top_k=int(c.top_k), num_probes=int(c.num_probes),
+                    chunk_size=int(c.chunk_size),
+                    lanczos_iterations=int(c.get("lanczos_iterations") or 0) or None,
+                    ad_mode=c.ad_mode), study.x[rows], study.keys[rows])
         got = study.gather(got)
         rates = got["rate"]
         d_in = int(np.prod(study.x.shape[1:]))

@@ -238,7 +238,13 @@ class Study:
             gradient=gradient or self.gradient(a.gradient),
             targets=int(a.targets), restarts=int(a.restarts), loss=a.loss,
             random_start=bool(a.random_start), queries=int(a.get("queries") or 0) or None,
-            chunk=c or None, early_exit=bool(a.early_exit))
+            chunk=c or None, early_exit=bool(a.early_exit),
+            shared_oracle=self.shared_oracle)
+
+    @property
+    def shared_oracle(self) -> bool:
+        """Gradients through the purifier from one shared program (`config.shared_oracle`)."""
+        return bool(self.config.get("shared_oracle", False))
 
     def protocols(self) -> dict[str, protocols.Protocol]:
         m = int(self.config.eval_draws)

@@ -228,11 +228,12 @@ def clean_accuracy(study: Study, methods) -> dict:
     return out
 
 
-def _correlation_batch(defense, x, y, key_data, *, eot, salt_key):
+def _correlation_batch(defense, x, y, key_data, *, eot, salt_key, shared_oracle):
     from diffjax import attacks
 
     keys = jax.random.wrap_key_data(key_data)
-    return {"cosine": attacks.gradient_correlation(defense, x, y, keys, eot=eot, key=salt_key)}
+    return {"cosine": attacks.gradient_correlation(defense, x, y, keys, eot=eot, key=salt_key,
+                                                   shared_oracle=shared_oracle)}
 
 
 def gradient_correlation(study: Study, method: str) -> dict:
@@ -244,7 +245,8 @@ def gradient_correlation(study: Study, method: str) -> dict:
         d = study.defense(method)
         rows = study.rows(int(cfg.num_examples))
         fn = functools.partial(_correlation_batch, d, eot=int(cfg.eot),
-                               salt_key=jax.random.fold_in(study.root, CORRELATION_SALT))
+                               salt_key=jax.random.fold_in(study.root, CORRELATION_SALT),
+                               shared_oracle=study.shared_oracle)
         got = study.map_batches(fn, study.x[rows], study.y[rows], study.keys[rows])
         v = study.gather(got)["cosine"]
         boot = stats.bootstrap_ci(np.mean, v, key=jax.random.fold_in(study.root,

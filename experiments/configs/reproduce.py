@@ -78,6 +78,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # BENCHMARKS.md, "Compiling the study"), and a number must not depend on what ran
     # beside it. 2 saves ~15% of a cold CPU run where bit-reproducibility is not needed.
     c.concurrent_parts = 1
+    # Every gradient through the purifier (the attacks' iterations under every protocol
+    # and EOT count, the gradient correlation, the Jacobians' rows) from ONE compiled
+    # program per batch shape (`diffjax.attacks.gradients.oracle`): on a CPU compiling
+    # each costs seconds, most of a cold run (BENCHMARKS.md, "Compiling the study").
+    # False: the in-program attacks (one program per attack; what an accelerator with a
+    # long purifier may prefer: EOT draws batched in one program).
+    c.shared_oracle = True
 
     c.purifier = ml_collections.ConfigDict()
     c.purifier.t_star = 100
@@ -164,6 +171,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # (tests/paper_configs.py; experiments.project_cost projects the whole run).
         c.dataset = "cifar10"
         c.concurrent_parts = 1  # also: an accelerator runs one program at a time
+        c.shared_oracle = False  # EOT-20 batched in one program per attack
         c.diffusion = "~/.cache/diffjax/checkpoints/ddpmpp_cifar10"
         c.classifier = "~/.cache/diffjax/checkpoints/wrn_28_10_standard"
         c.num_examples = 512
@@ -199,6 +207,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # Jacobians matrix-free only (d = 150,528): Hutchinson rate, top-k Lanczos spectrum.
         c.dataset = "imagenet2012"
         c.concurrent_parts = 1
+        c.shared_oracle = False
         c.diffusion = "~/.cache/diffjax/checkpoints/guided_256_uncond"
         c.classifier = "~/.cache/diffjax/checkpoints/resnet50"
         c.num_examples = 512
