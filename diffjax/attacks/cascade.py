@@ -22,7 +22,9 @@ Batches: the active examples are packed in order into batches of `batch_size` (t
 one padded with copies of a real row, masked out), placed on the data mesh
 (`diffjax.parallel`), so every round of every attack runs one compiled program per
 attack structure (plus one per extra size in `bucket_sizes`, for a last batch much smaller
-than the others; on a CPU compiling another program costs more than padding).
+than the others; on a CPU compiling another program costs more than padding). With
+`shared_oracle`, PGD and APGD run on the one gradient program of the defense
+(`engine.advance_shared`) instead of one per attack.
 
 Several processes (multi-host): each process passes only the examples it owns and packs
 its own active examples into its rows (`batch_size / process count`) of every global
@@ -67,11 +69,13 @@ class Cascade:
         the realization; under fresh draws every round keeps every example).
       bucket_sizes: extra batch sizes (smaller than the batch size) for the last batch of
         a round; each is one more compiled program.
-      shared_oracle: run the attacks that can (PGD, APGD) on the shared gradient oracle
-        (`engine.advance_shared`): one compiled gradient program for every attack,
-        protocol and EOT count of a defense structure and batch shape, instead of one
-        per attack (a CPU compiles each for seconds); results agree with the in-program
-        attacks to float32 rounding.
+      shared_oracle: run the attacks that can (PGD, APGD) on a purifier on the shared
+        gradient oracle (`engine.advance_shared`): one compiled gradient program for
+        every attack, protocol and EOT count of a defense structure and batch shape,
+        instead of one per attack (a CPU compiles each for seconds); results agree with
+        the in-program attacks to float32 rounding. An undefended classifier keeps the
+        in-program attacks (it compiles in a moment; its cheap iterations run faster in
+        one program).
     """
 
     attacks: tuple
@@ -288,7 +292,10 @@ def _run_one(defense, x, y, key_data, rows, attack, protocol, batch_size, mesh, 
     steps = int(attack.total_iterations)
     chunk = steps if cascade.chunk is None else min(int(cascade.chunk), steps)
     drop = cascade.early_exit and protocol.attack_stream == "realization"
-    shared = cascade.shared_oracle and engine.shares_oracle(attack)
+    # The shared oracle saves compiling a gradient through the purifier; a bare classifier
+    # compiles in a moment, and its cheap iterations run faster in one program.
+    shared = (cascade.shared_oracle and engine.shares_oracle(attack)
+              and not defense.is_undefended)
     static, eps0, step0, options = engine.static_and_budget(attack)
     local = parallel.local_batch_size(batch_size)
     buckets = cascade.bucket_sizes if jax.process_count() == 1 else ()

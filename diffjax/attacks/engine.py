@@ -19,7 +19,7 @@ variant of the same attack reuse the compiled program -- on a CPU, compiling a g
 through a purifier costs as much as running many of its iterations -- and per-example
 budgets (e.g. a bisection over eps) work.
 
-Two ways to run an attack, both through this module:
+Three ways to run an attack, all through this module:
 
 - `run(attack, defense, x, y, example_keys, protocol)`: the whole attack in one `jit`
   (init, one `lax.scan` over the iterations, finish): `pgd_attack` and `apgd_attack` are
@@ -29,7 +29,13 @@ Two ways to run an attack, both through this module:
   into full batches (`diffjax.attacks.cascade`: early exit). Iterations past `steps` are
   no-ops, so every chunk of one length is one compiled program, and the state after any
   number of chunks equals the state of the whole run at that iteration: chunked and
-  whole runs give the same adversarial examples.
+  whole runs give the same adversarial examples;
+- `advance_shared`: the chunk as a host loop over iterations, each split at its one
+  gradient (`attack.query`, the shared `gradients.oracle_program`, `attack.absorb`), so
+  that every attack, protocol, EOT count and estimator of a defense -- and the gradient
+  correlation and the Jacobians, which call the oracle too -- share one compiled
+  gradient program (`Cascade(shared_oracle=True)`; what a CPU study needs, where
+  compiling each costs seconds). Agrees with `advance_program` to float32 rounding.
 
 Sharding: inputs that live on an explicit-axis mesh (`jax.make_mesh`'s default) are moved
 to the same devices with Auto axes (no data moves) and the outputs back (`to_auto`,
@@ -291,7 +297,8 @@ def _plain(attack):
 
 def shares_oracle(attack) -> bool:
     """True when `attack` can run on the shared gradient oracle (`advance_shared`): it splits
-    its step into `query` and `absorb` around one `gradients.loss_and_grad`."""
+    its step into `query` and `absorb` around one `gradients.loss_and_grad` (neither may
+    depend on the attack's gradient estimator, which the oracle takes as data)."""
     return hasattr(attack, "query") and hasattr(attack, "absorb")
 
 
@@ -322,7 +329,7 @@ def advance_shared(ctx, x, y, state, start: int, stop: int, *, attack, protocol)
     is the in-program step's, compiled in other programs: results agree with
     `advance_program` to float32 rounding, not bit for bit. `attack` is the static config
     (`static_and_budget`); iterations are run up to `stop` (the caller's count: no masked
-    no-ops).
+    no-ops); per-iteration records (trajectories) are not kept.
 
     Returns:
       `(state, fooled [B])`.

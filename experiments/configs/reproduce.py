@@ -24,8 +24,11 @@ Square with 300 queries, eps 0.2 and 0.4). Sweep points whose purified clean acc
 falls below `min_clean_fraction` of the classifier's (t* = 400 erases a digit) are shown
 but left out of the fit.
 
-Why it fits: most of a CPU run is XLA compiling, so the study compiles few programs: a
-purifier's method, t* and schedule are data (`diffusion.make_chain`), chains shorter than
+Why it fits: most of a CPU run is XLA compiling, so the study compiles few programs: every
+gradient through the purifier -- the attacks under every protocol and EOT count, BPDA,
+the gradient correlation, the sweep's Jacobian rows -- comes from ONE compiled program
+(`shared_oracle`, `diffjax.attacks.gradients.oracle`), a purifier's method, t* and
+schedule are data (`diffusion.make_chain`), chains shorter than
 `num_steps` are padded with identity steps, every batch is padded to `batch_size`, eps and
 the clips' gradient path (the audit's straight-through attack) are traced, every attack
 part shares one evaluation program, the scripts compile with XLA's LLVM at level 1 on a
