@@ -495,3 +495,22 @@ def test_unet_profile_times_both_gradients_in_alternation():
     assert a["repeats"] == 2 and a["diffjax_ms"] > 0 and a["peer_ms"] > 0
     assert a["ratio"] == pytest.approx(a["peer_ms"] / a["diffjax_ms"])
     assert torch.get_num_threads() == threads  # restored
+
+
+def test_shared_oracle_bench_compares_like_with_like(tmp_path):
+    """`experiments.bench.shared_oracle`: both sides on the shipped digits purifier, the same
+    successes (checked inside), adversarial examples equal to float32 rounding, and the
+    shared side's EOT-2 run compiling no second gradient program."""
+    from experiments.bench import shared_oracle
+
+    out = tmp_path / "oracle.json"
+    got = shared_oracle.main(["shared_oracle", "--rounds=1", f"--out={out}"])
+    assert json.loads(out.read_text()) == got
+    cases = got["cases"]
+    assert set(cases) == {"in_program_fixed", "in_program_eot2", "shared_fixed",
+                          "shared_eot2"}
+    for c in cases.values():
+        assert c["run_s"] > 0 and len(c["run_s_all"]) == 1
+        assert c["max_abs_diff"] < 1e-3
+    # EOT-2 in one program compiles a gradient program of its own; on the oracle it does not.
+    assert cases["shared_eot2"]["compile_s"] < cases["in_program_eot2"]["compile_s"] / 2

@@ -88,6 +88,11 @@ def test_results_schema_intervals_tests_and_figures(tiny):
                                                    "gradient-free", "budget"}
     assert isinstance(audit["verdict"]["converged"], bool)
     assert audit["verdict"]["sentence"]
+    v = audit["verdict"]  # its accuracies with their intervals too
+    for k in ("worst_case_fixed", "large_eps_accuracy"):
+        lo, hi = v[f"{k}_ci"]
+        assert 0.0 <= lo <= v[k] <= hi <= 1.0, k
+    assert v["large_eps_accuracy_ci"] == audit["rows"][-1]["ci"]  # the largest eps's row
     claims = out["claims"]
     assert list(claims) == ["claim1", "claim2", "claim3", "claim4"]
     text = paths["report"].read_text()

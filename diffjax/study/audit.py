@@ -132,7 +132,8 @@ def audit(study: Study, method: str) -> dict:
                "worst_case_fixed_ci": [worst_acc["lo"], worst_acc["hi"]],
                "study_fixed": float(base.mean()),
                "stronger_attacks": [r["attack"] for r in masked],
-               "large_eps_accuracy": big}
+               "large_eps_accuracy": big,
+               "large_eps_accuracy_ci": budget[-1]["ci"] if budget else None}
     if conv and unmasked:
         text = (f"converged and unmasked: {steps * max(as_list(a.step_multipliers, int))} "
                 f"steps, straight-through clips, BPDA and Square find no significantly more "
