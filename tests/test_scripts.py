@@ -4,6 +4,9 @@ script reuses the first one's attack part), and bad input ends with one `error:`
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from conftest import config_flags, make_tiny_ddpm, run_module, tiny_study_config
 
 from diffjax.study import UNDEFENDED, Study, Workdir, robustness, validate_config
 from experiments.configs import reproduce
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 KEYS = ("methods", "num_examples", "batch_size", "eval_draws", "purifier.num_steps",
         "attack.cascade", "attack.steps", "attack.targets", "attack.chunk", "attack.eot",
@@ -118,6 +123,20 @@ def test_a_config_with_a_bad_remat_is_refused_by_name():
         c.purifier.remat = "conv"
     with pytest.raises(ValueError, match=r"config.purifier.remat: expected True, False or one"):
         validate_config(c)
+
+
+def test_study_scripts_keep_freed_memory_only_on_a_cpu_only_and_unless_told(tmp_path):
+    """In a fresh process (mallopt changes the process): on this CPU-only Linux it applies;
+    glibc's own MALLOC_* variables or an accelerator platform leave malloc alone."""
+    code = ("from experiments import common; "
+            "print(common.keep_freed_memory_on_cpu())")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for extra, want in (({"JAX_PLATFORMS": "cpu"}, "True"),
+                        ({"JAX_PLATFORMS": "cpu", "MALLOC_MMAP_MAX_": "65536"}, "False"),
+                        ({"JAX_PLATFORMS": "cuda"}, "False")):
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, check=True,
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.stdout.strip() == want, (extra, out.stdout, out.stderr)
 
 
 def test_study_scripts_compile_at_llvm_level_1_on_a_cpu_only(monkeypatch):

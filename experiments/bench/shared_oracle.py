@@ -3,8 +3,10 @@
 ``python -m experiments.bench.shared_oracle [--out=FILE] [--rounds=N]`` prints (and
 writes) JSON for the embedded default's purifier (the shipped digits DDPM, ddpm t* = 100
 with 4 steps, `remat=False`) and classifier, APGD-CE with 10 steps over 100 random 8x8
-images in batches of 50, chunks of 5 iterations, early exit off (so both sides do the same
-iterations), under the realization (`Fixed`) and with EOT-2 fresh draws (`Independent`):
+images in batches of 50, early exit off, in one chunk of all 11 iterations by default
+(`--chunk=N` for rounds of N: the in-program side then also computes the masked no-op
+iterations of the last round, the shared side does not), under the realization (`Fixed`)
+and with EOT-2 fresh draws (`Independent`):
 
 - ``compile_s``: the compile events (`jax.monitoring`) of the first run of each side, in
   this order: in-program fixed, in-program EOT-2, shared fixed, shared EOT-2 (the shared
@@ -41,6 +43,7 @@ def main(argv) -> dict:
 
     args = dict(a.lstrip("-").split("=", 1) for a in argv[1:] if "=" in a)
     rounds = int(args.get("rounds", 4))
+    chunk = int(args.get("chunk", 11))
     compiled = collections.defaultdict(float)
     current = [""]
 
@@ -61,7 +64,7 @@ def main(argv) -> dict:
     for shared in (False, True):
         for name, protocol in (("fixed", protocols.Fixed()),
                                ("eot2", protocols.Independent(eot=2))):
-            cascade = Cascade((attack,), chunk=5, early_exit=False, shared_oracle=shared)
+            cascade = Cascade((attack,), chunk=chunk, early_exit=False, shared_oracle=shared)
             cases[f"{'shared' if shared else 'in_program'}_{name}"] = (
                 lambda p=protocol, c=cascade: run_cascade(defense, x, y, keys, protocol=p,
                                                           batch_size=50, cascade=c))
@@ -76,7 +79,7 @@ def main(argv) -> dict:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    result = {"cases": {}, "rounds": rounds, "jax": jax.__version__}
+    result = {"cases": {}, "rounds": rounds, "chunk": chunk, "jax": jax.__version__}
     for name in cases:
         twin = outs[name.replace("shared", "in_program")]
         np.testing.assert_array_equal(outs[name]["success"], twin["success"])

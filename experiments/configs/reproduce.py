@@ -1,7 +1,8 @@
 r"""The whole study on the embedded default (sklearn digits, shipped checkpoints).
 
-Run (from a cold start on an idle 2-core CPU: 10 min 10 s on an Intel Xeon, 8 min 33 s on an
-AMD EPYC; `:quick` 80-90 s on either):
+Run (from a cold start on an idle 2-core AMD EPYC, 2026-12-01: 9 min 13 s, and `:quick`
+56-59 s, with the shared gradient oracle; 10 min 13 s and 94-101 s without it, run
+alternately; 10 min 10 s on an Intel Xeon before it):
 
     python -m experiments.reproduce --workdir=workdir/study
     python -m experiments.reproduce --workdir=workdir/quick \
