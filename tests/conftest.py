@@ -23,6 +23,14 @@ if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
+# As the study scripts do (`experiments.common.keep_freed_memory_on_cpu`): malloc keeps
+# freed memory for reuse, so XLA:CPU's per-run temporaries are not mapped and page-faulted
+# afresh on every program run. Allocation does not change what is computed.
+from experiments import common as _common  # noqa: E402
+
+_common.keep_freed_memory_on_cpu()
+
+
 def xla_flags(extra: str) -> str:
     """The suite's XLA flags plus `extra` (e.g. a simulated device count), for subprocesses."""
     return f"{os.environ['XLA_FLAGS']} {extra}"
