@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.tree_util import Partial
+from test_attacks_cascade import mlp_logits as logits_fn
+from test_attacks_cascade import noisy_purify
 
 from diffjax import attacks, parallel, protocols, randomness
 from diffjax.attacks import APGDConfig, Gradient, PGDConfig, engine, gradients
@@ -16,25 +18,15 @@ H = W = 4
 D = H * W
 
 
-def noisy_purify(x, keys):
-    n = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys)
-    return jnp.clip(x + 0.08 * n, 0.0, 1.0)
-
-
-def logits_fn(params, x):
-    w1, w2 = params
-    return jnp.tanh(x.reshape(x.shape[0], -1) @ w1) @ w2
-
-
 def problem(n=12, seed=0):
     rng = np.random.default_rng(seed)
     params = (jnp.asarray(rng.normal(size=(D, 8)), jnp.float32),
               jnp.asarray(rng.normal(size=(8, 5)), jnp.float32))
     x = rng.uniform(0.0, 1.0, size=(n, H, W, 1)).astype(np.float32)
     defense = Defense(Partial(noisy_purify), Partial(logits_fn, params))
-    y = np.asarray(jnp.argmax(defense.logits(jnp.asarray(x), protocols.realization(
-        randomness.example_keys(jax.random.key(3), jnp.arange(n)))), -1)).astype(np.int32)
     keys = randomness.example_keys(jax.random.key(3), jnp.arange(n))
+    y = np.asarray(jnp.argmax(defense.logits(jnp.asarray(x), protocols.realization(keys)),
+                              -1)).astype(np.int32)
     return defense, x, y, keys
 
 

@@ -224,8 +224,13 @@ def _correlation(defense, x, y, example_keys, salt, *, eot, loss, kind, eot_batc
     _, g, _ = gradients.per_draw_loss_and_grad(
         defense, x, y, jnp.concatenate([fixed, fresh], axis=0), loss=loss, kind=kind,
         eot_batch_size=eot_batch_size)
-    a = jnp.mean(g[1:], axis=0).reshape(x.shape[0], -1)
-    b = g[0].reshape(x.shape[0], -1)
+    return _cosine(g[0], jnp.mean(g[1:], axis=0))
+
+
+def _cosine(fixed, eot):
+    """Per-example cosine `[B]` between two gradients `[B, ...]`."""
+    a = eot.reshape(eot.shape[0], -1)
+    b = fixed.reshape(fixed.shape[0], -1)
     num = jnp.sum(a * b, axis=-1)
     den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
     return num / jnp.maximum(den, 1e-30)
@@ -244,12 +249,7 @@ def _correlation_keys(example_keys, salt, *, eot):
 
 @jax.jit
 def _cosine_of_draws(grads):
-    b = grads[0].shape[0]
-    a = jnp.mean(jnp.stack(grads[1:]), axis=0).reshape(b, -1)
-    f = grads[0].reshape(b, -1)
-    num = jnp.sum(a * f, axis=-1)
-    den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(f, axis=-1)
-    return num / jnp.maximum(den, 1e-30)
+    return _cosine(grads[0], jnp.mean(jnp.stack(grads[1:]), axis=0))
 
 
 def _correlation_shared(defense, x, y, example_keys, salt, *, eot, loss, kind):
