@@ -82,6 +82,9 @@ def test_schema_ranges_report_and_figures(ran):
     assert [r["variant"] for r in rows] == ["", "strong", "bpda", "square", "eps0.5"]
     for r in rows:
         assert _interval(r["robust"], r["ci"]) and r["n"] == 8
+    au = dp["audit"]  # the largest eps's accuracy with its row's interval
+    assert (au["large_eps_accuracy"], au["large_eps_accuracy_ci"]) == (rows[-1]["robust"],
+                                                                    rows[-1]["ci"])
     worst = dp["audit"]["worst_case"]["estimate"]
     assert worst <= min(r["robust"] for r in rows[:4]) + 1e-12
     assert dp["robust_accuracy_worst_case"] <= dp["robust_accuracy_fixed"]

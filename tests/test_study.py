@@ -3,6 +3,7 @@ one realization per example, results.json -> report, resume, a bucket URL, bad f
 
 import json
 import math
+import re
 
 import jax
 import numpy as np
@@ -89,10 +90,13 @@ def test_results_schema_intervals_tests_and_figures(tiny):
     assert isinstance(audit["verdict"]["converged"], bool)
     assert audit["verdict"]["sentence"]
     v = audit["verdict"]  # its accuracies with their intervals too
-    for k in ("worst_case_fixed", "large_eps_accuracy"):
+    for k in ("worst_case_fixed", "large_eps_accuracy", "study_fixed"):
         lo, hi = v[f"{k}_ci"]
         assert 0.0 <= lo <= v[k] <= hi <= 1.0, k
     assert v["large_eps_accuracy_ci"] == audit["rows"][-1]["ci"]  # the largest eps's row
+    assert v["study_fixed"] == audit["rows"][0]["robust"]  # the study's attack on these
+    assert v["study_fixed_ci"] == audit["rows"][0]["ci"]
+    assert re.search(r"\d+\.\d% \[\d+\.\d, \d+\.\d\]", v["sentence"])  # with its interval
     claims = out["claims"]
     assert list(claims) == ["claim1", "claim2", "claim3", "claim4"]
     text = paths["report"].read_text()

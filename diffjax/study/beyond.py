@@ -506,7 +506,9 @@ def _audit(study: Study, name: str, fixed: dict) -> dict:
             "square_agrees_with_full_gradient": bool(square["p_value"] >= 0.05),
             "bpda_vs_square": agree,
             "bpda_and_square_agree": bool(agree["p_value"] >= 0.05),
-            "large_eps_accuracy": large, "unmasked": bool(not stronger and not blocked),
+            "large_eps_accuracy": large,
+            "large_eps_accuracy_ci": budget[-1]["ci"] if budget else None,
+            "unmasked": bool(not stronger and not blocked),
             "sentence": sentence}, worst
 
 
