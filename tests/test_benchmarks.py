@@ -455,6 +455,23 @@ def test_group_norm_before_and_after_compute_the_same_gradient_and_restore_the_l
                                atol=2e-5)
 
 
+def test_xla_options_ab_checks_which_library_runs_and_agrees_with_the_default():
+    from experiments.bench import xla_options_ab
+
+    r = xla_options_ab.compare("tiny", batch=1, repeats=1)
+    res = r["results"]
+    assert set(res) == set(xla_options_ab.OPTIONS)
+    assert res["default"]["grad_calls"]["onednn"] == 0 and res["default"]["ratio"] == 1.0
+    # The options reach the compiled program: oneDNN takes the dots when asked, and
+    # YNNPACK is gone where it is switched off.
+    assert res["onednn_dot"]["grad_calls"]["onednn"] > 0
+    assert res["onednn_dot_no_ynn"]["grad_calls"]["ynn"] == 0
+    assert r["lone_conv"]["default"]["ynn"] > 0 and r["lone_conv"]["onednn_conv"]["ynn"] == 0
+    for v in res.values():  # the same function whichever library computes it
+        assert v["grad_max_abs_diff"] <= 1e-4 * max(1.0, r["max_abs_grad"])
+        assert v["forward_max_abs_diff"] <= 1e-4 and v["grad_ms"] > 0
+
+
 def test_interleaved_medians_alternate_the_calls_and_rotate_their_order():
     from experiments.bench import timing
 
