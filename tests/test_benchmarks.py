@@ -472,6 +472,24 @@ def test_xla_options_ab_checks_which_library_runs_and_agrees_with_the_default():
         assert v["forward_max_abs_diff"] <= 1e-4 and v["grad_ms"] > 0
 
 
+def test_conv_cpu_matmul_formulations_are_the_convolution():
+    import jax
+    from jax import lax
+
+    from experiments.bench import conv_cpu
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    g = jax.random.normal(jax.random.key(2), (2, 6, 5, 4))
+    plain = lambda x: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want, back = jax.vjp(plain, x)
+    for form in (conv_cpu.im2col_conv, conv_cpu.shifted_conv):
+        got, back_f = jax.vjp(lambda x, form=form: form(x, k), x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(back_f(g)[0], back(g)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_interleaved_medians_alternate_the_calls_and_rotate_their_order():
     from experiments.bench import timing
 

@@ -17,7 +17,10 @@ forward, one input-gradient, purification through 10 steps and the full gradient
 
 Outputs are checked to agree before anything is timed. ``--convs`` times single 3x3
 convolutions (forward and input-gradient) on YNNPACK, on XLA's Eigen kernel (YNNPACK off)
-and with the layer, in GFLOP/s.
+and with the layer, in GFLOP/s, and two formulations as matrix products: ``im2col`` (the
+nine shifted copies of the padded input side by side, one ``[B*H*W, 9C] x [9C, O]``
+product) and ``shifted`` (nine ``[B*H*W, C] x [C, O]`` products of the shifted input,
+summed).
 """
 
 from __future__ import annotations
@@ -153,14 +156,36 @@ def unets(no_ynn: bool, repeats: int) -> dict:
     return result
 
 
+def im2col_conv(x, kernel):
+    """A 3x3 (any odd kernel) stride-1 SAME convolution NHWC x HWIO as one matrix product
+    of the patches (the shifted copies of the padded input, side by side)."""
+    kh, kw, c, o = kernel.shape
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh)
+                               for j in range(kw)], axis=-1)
+    return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, o))
+
+
+def shifted_conv(x, kernel):
+    """The same convolution as a sum of ``kh * kw`` matrix products of the shifted input."""
+    kh, kw, _, _ = kernel.shape
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    return sum(jnp.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + w, :], kernel[i, j])
+               for i in range(kh) for j in range(kw))
+
+
 def convs(repeats: int) -> dict:
     """GFLOP/s of one 3x3 convolution (forward, input-gradient) at the U-Nets' shapes."""
-    shapes = [(4, 32, 32, 32), (4, 32, 64, 64), (4, 16, 64, 64), (48, 8, 32, 32),
+    shapes = [(2, 32, 32, 32), (2, 32, 96, 32), (2, 16, 128, 64), (4, 32, 32, 32),
+              (4, 32, 64, 64), (4, 16, 64, 64), (8, 32, 32, 32), (48, 8, 32, 32),
               (48, 8, 64, 32), (48, 4, 32, 32)]
     plain = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
                                                   dimension_numbers=_DN)
     layer = lambda x, k: layers.conv2d(x, k, (1, 1), ((1, 1), (1, 1)))
-    forms = {"ynnpack": (plain, None), "eigen": (plain, NO_YNN), "layer": (layer, None)}
+    forms = {"ynnpack": (plain, None), "eigen": (plain, NO_YNN), "layer": (layer, None),
+             "im2col": (im2col_conv, None), "shifted": (shifted_conv, None)}
     out = {}
     for b, h, c, o in shapes:
         x = jax.random.normal(jax.random.key(0), (b, h, h, c))
@@ -173,6 +198,10 @@ def convs(repeats: int) -> dict:
             fwd = jax.jit(f).lower(x, k).compile(**kw)
             bwd = jax.jit(lambda x, k, g, f=f: jax.vjp(lambda x: f(x, k), x)[1](g)[0]).lower(
                 x, k, g).compile(**kw)
+            want = plain(x, k)  # every form computes the same convolution
+            if not np.allclose(fwd(x, k), want, rtol=1e-4, atol=1e-4 * float(
+                    jnp.max(jnp.abs(want)))):
+                raise AssertionError(f"{name} disagrees with lax.conv_general_dilated")
             tf = timing.median_time(functools.partial(fwd, x, k), repeats=repeats,
                                     warmup=2)[0]
             tb = timing.median_time(functools.partial(bwd, x, k, g), repeats=repeats,
