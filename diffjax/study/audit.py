@@ -57,11 +57,6 @@ def variant(study: Study, method: str, name: str) -> dict:
     return robustness.attack_part(study, method, None, "realization", n, variant=name, **kw)
 
 
-def _pct(v: float, ci) -> str:
-    """``75.0% [58.2, 87.3]``: an accuracy with its 95% interval, as the report writes it."""
-    return f"{100 * v:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
 def _row(check: str, attack: str, part: dict, field: str, main: np.ndarray) -> dict:
     correct = np.asarray(part[field], bool)
     acc = stats.accuracy(correct)
@@ -144,7 +139,7 @@ def audit(study: Study, method: str) -> dict:
         text = (f"converged and unmasked: {steps * max(as_list(a.step_multipliers, int))} "
                 f"steps, straight-through clips, BPDA and Square find no significantly more "
                 f"than the study's attack; eps {budget[-1]['eps']:g} leaves "
-                f"{_pct(big, budget[-1]['ci'])}" if budget else "converged and unmasked")
+                f"{stats.describe(big, budget[-1]['ci'])}" if budget else "converged and unmasked")
     else:
         why = []
         if not conv:
@@ -152,10 +147,11 @@ def audit(study: Study, method: str) -> dict:
         if masked:
             why.append("stronger: " + ", ".join(r["attack"] for r in masked))
         if blocked:
-            why.append(f"eps {budget[-1]['eps']:g} still leaves {_pct(big, budget[-1]['ci'])}")
+            left = stats.describe(big, budget[-1]["ci"])
+            why.append(f"eps {budget[-1]['eps']:g} still leaves {left}")
         text = ("NOT converged/unmasked (" + "; ".join(why) + "): the study's fixed robust "
                 f"accuracy is an upper bound; the worst case over the audit's attacks, "
-                f"{_pct(worst_acc['estimate'], verdict['worst_case_fixed_ci'])} on these "
+                f"{stats.describe(worst_acc)} on these "
                 "examples, is the tighter one")
     verdict["sentence"] = text
     return {"method": method, "n": n, "rows": rows, "verdict": verdict,

@@ -768,10 +768,7 @@ def run(study: Study) -> dict:
 
 
 def _pct(v, ci=None) -> str:
-    if v is None:
-        return "n/a"
-    s = f"{100 * v:.1f}%"
-    return s + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return "n/a" if v is None else stats.describe(v, ci or None)
 
 
 def _num(v, d: int = 3) -> str:

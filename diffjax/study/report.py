@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 
+from diffjax import stats
 from diffjax.study.workdir import as_path
 
 __all__ = ["PAPER", "SCHEMA_KEYS", "config_to_dict", "render_markdown", "write_all", "render",
@@ -39,15 +40,12 @@ def config_to_dict(config) -> dict:
         o, (tuple, set)) else str(o)))
 
 
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
+def _pct(v, ci=None) -> str:
+    return "n/a" if v is None else stats.describe(v, ci or None)
 
 
 def _acc(d: dict, name: str) -> str:
-    v, ci = d.get(name), d.get(f"{name}_ci")
-    if v is None:
-        return "n/a"
-    return f"{100 * v:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return _pct(d.get(name), d.get(f"{name}_ci"))
 
 
 def _p(v) -> str:

@@ -32,7 +32,7 @@ def _p(v: float) -> str:
 
 
 def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
+    return "n/a" if v is None else stats.describe(v)
 
 
 def _ci(ci) -> str:
