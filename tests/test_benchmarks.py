@@ -504,22 +504,23 @@ def test_interleaved_medians_alternate_the_calls_and_rotate_their_order():
         assert len(times) == 4 and min(times) <= median <= max(times)
 
 
+@pytest.mark.parametrize("module", ["group_norm_ab", "xla_options_ab"])
 @pytest.mark.parametrize("args, message", [
     (["--out=/nonexistent/dir/ab.json"], "its directory does not exist"),
     (["--batch=0"], "flag --batch=0: 0 is not a positive integer"),
 ])
-def test_group_norm_ab_bad_input_is_one_line_before_any_work(args, message):
+def test_ab_scripts_bad_input_is_one_line_before_any_work(module, args, message):
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.group_norm_ab", *args],
+    proc = subprocess.run([sys.executable, "-m", f"experiments.bench.{module}", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "U-Net input-gradient" not in proc.stdout
+    assert "Traceback" not in proc.stderr and "U-Net" not in proc.stdout
 
 
 def test_unet_profile_times_both_gradients_in_alternation():
