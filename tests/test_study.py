@@ -88,8 +88,22 @@ def test_results_schema_intervals_tests_and_figures(tiny):
     assert {r["check"] for r in audit["rows"]} == {"iterations", "clips", "gradient",
                                                    "gradient-free", "budget"}
     assert isinstance(audit["verdict"]["converged"], bool)
+    # Convergence per protocol, from the plateau rows (the largest step count of each), and
+    # the sentence names each protocol's verdict.
+    tol, v = audit["tolerance"], audit["verdict"]
+    steps = [r for r in audit["rows"] if r["check"] == "iterations"]
+    fixed_rows = [r for r in steps if "(fixed)" in r["attack"]]
+    indep_rows = [r for r in steps if "(independent" in r["attack"]]
+    for key, plateau in (("converged_fixed", fixed_rows[-1]),
+                         ("converged_independent", indep_rows[-1])):
+        assert v[key] == (plateau["delta_vs_study"] >= -tol
+                          and plateau["p_value_lower"] >= 0.05), key
+    assert v["converged"] == (v["converged_fixed"] and v["converged_independent"])
+    assert v["sentence"].startswith("fixed randomness: ")
+    assert "; independent randomness (EOT): " + ("converged" if v["converged_independent"]
+                                                 else "NOT converged") in v["sentence"]
     assert audit["verdict"]["sentence"]
-    v = audit["verdict"]  # its accuracies with their intervals too
+    # its accuracies with their intervals too
     for k in ("worst_case_fixed", "large_eps_accuracy", "study_fixed"):
         lo, hi = v[f"{k}_ci"]
         assert 0.0 <= lo <= v[k] <= hi <= 1.0, k

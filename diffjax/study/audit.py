@@ -21,12 +21,14 @@ under independent randomness too:
 5. **budget**: the study's attack at every eps in `audit.eps`: unbounded attacks must
    drive the accuracy towards 0 (a gradient that works).
 
-Verdict: "converged" when (1) plateaus; "unmasked" when none of (2)-(4) finds
-significantly more (paired exact test, one-sided, 5%; and more than `audit.tolerance`)
-than the study's attack on the same examples and the largest eps of (5) leaves at most
-`audit.max_large_eps_accuracy`. Otherwise the report says that the study's robust
-accuracy is an upper bound and gives the worst case over every audit attack, per example,
-as the tighter one.
+Verdict: "converged" when (1) plateaus under both protocols (``converged_fixed`` and
+``converged_independent`` say which; the sentence names each); "unmasked" when none of
+(2)-(4) finds significantly more (paired exact test, one-sided, 5%; and more than
+`audit.tolerance`) than the study's attack on the same examples and the largest eps of (5)
+leaves at most `audit.max_large_eps_accuracy`. Where the fixed protocol is not converged
+or not unmasked, the report says that the study's fixed robust accuracy is an upper bound
+and gives the worst case over every audit attack, per example, as the tighter one; where
+the independent protocol is not converged, that its robust accuracy is an upper bound.
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ def audit(study: Study, method: str) -> dict:
         rows.append(_row("iterations", f"study's attack, {s} steps (independent, EOT)", fr,
                          "independent_adv_correct", base_fresh))
         plateau = {"steps": s, "fixed": rows[-2], "independent": rows[-1]}
-    conv = all(r["delta_vs_study"] >= -tol and r["p_value_lower"] >= 0.05
-               for r in (plateau.get("fixed"), plateau.get("independent")) if r)
+
+    def plateaus(r) -> bool:
+        return r is None or (r["delta_vs_study"] >= -tol and r["p_value_lower"] >= 0.05)
+
+    conv_fixed, conv_independent = (plateaus(plateau.get(k)) for k in ("fixed", "independent"))
+    conv = conv_fixed and conv_independent
 
     st = variant(study, method, "straight_through")
     rows.append(_row("clips", "straight-through clip gradients", st, "fixed_adv_correct", base))
@@ -127,7 +133,8 @@ def audit(study: Study, method: str) -> dict:
     blocked = bool(budget) and big > float(a.max_large_eps_accuracy)
     unmasked = not masked and not blocked
     worst_acc = stats.accuracy(worst)
-    verdict = {"converged": bool(conv), "unmasked": bool(unmasked),
+    verdict = {"converged": bool(conv), "converged_fixed": bool(conv_fixed),
+               "converged_independent": bool(conv_independent), "unmasked": bool(unmasked),
                "worst_case_fixed": worst_acc["estimate"],
                "worst_case_fixed_ci": [worst_acc["lo"], worst_acc["hi"]],
                "study_fixed": float(base.mean()),
@@ -135,24 +142,33 @@ def audit(study: Study, method: str) -> dict:
                "stronger_attacks": [r["attack"] for r in masked],
                "large_eps_accuracy": big,
                "large_eps_accuracy_ci": budget[-1]["ci"] if budget else None}
-    if conv and unmasked:
-        text = (f"converged and unmasked: {steps * max(as_list(a.step_multipliers, int))} "
-                f"steps, straight-through clips, BPDA and Square find no significantly more "
-                f"than the study's attack; eps {budget[-1]['eps']:g} leaves "
-                f"{stats.describe(big, budget[-1]['ci'])}" if budget else "converged and unmasked")
+    # The sentence names each protocol's verdict: the claims rest on the fixed one.
+    if conv_fixed and unmasked:
+        text = (f"fixed randomness: converged and unmasked: {plateau.get('steps', steps)} "
+                "steps, straight-through clips, BPDA and Square find no significantly more "
+                "than the study's attack")
+        if budget:
+            text += f"; eps {budget[-1]['eps']:g} leaves {stats.describe(big, budget[-1]['ci'])}"
     else:
         why = []
-        if not conv:
+        if not conv_fixed:
             why.append("more iterations still lower the accuracy")
         if masked:
             why.append("stronger: " + ", ".join(r["attack"] for r in masked))
         if blocked:
             left = stats.describe(big, budget[-1]["ci"])
             why.append(f"eps {budget[-1]['eps']:g} still leaves {left}")
-        text = ("NOT converged/unmasked (" + "; ".join(why) + "): the study's fixed robust "
-                f"accuracy is an upper bound; the worst case over the audit's attacks, "
-                f"{stats.describe(worst_acc)} on these "
-                "examples, is the tighter one")
+        text = ("fixed randomness: NOT converged/unmasked (" + "; ".join(why) + "): the "
+                "study's fixed robust accuracy is an upper bound; the worst case over the "
+                f"audit's attacks, {stats.describe(worst_acc)} on these examples, is the "
+                "tighter one")
+    if plateau.get("independent"):
+        r = plateau["independent"]
+        change = (f"{plateau['steps']} steps change its accuracy by "
+                  f"{100 * r['delta_vs_study']:+.1f} points, p = {r['p_value_lower']:.2g}")
+        text += ("; independent randomness (EOT): " + (
+            f"converged ({change})" if conv_independent else
+            f"NOT converged ({change}): its robust accuracy is an upper bound"))
     verdict["sentence"] = text
     return {"method": method, "n": n, "rows": rows, "verdict": verdict,
             "tolerance": tol}
