@@ -17,6 +17,7 @@ each set, to tell whether oneDNN takes convolutions at all in this jaxlib.
 from __future__ import annotations
 
 import functools
+import warnings
 
 from absl import app, flags
 
@@ -68,9 +69,13 @@ def compare(size: str = "quarter", batch: int = 2, repeats: int = 15) -> dict:
     grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
     forward = jax.jit(lambda z: eps(z, t))
     programs = {}
-    for name, opts in OPTIONS.items():
-        programs[name, "grad"] = grad.lower(x).compile(compiler_options=opts)
-        programs[name, "forward"] = forward.lower(x).compile(compiler_options=opts)
+    with warnings.catch_warnings():
+        # XLA cannot serialise a program with oneDNN fusions; where a persistent
+        # compilation cache is on, jax warns that it could not store one, and runs it.
+        warnings.filterwarnings("ignore", "Error writing persistent compilation cache entry")
+        for name, opts in OPTIONS.items():
+            programs[name, "grad"] = grad.lower(x).compile(compiler_options=opts)
+            programs[name, "forward"] = forward.lower(x).compile(compiler_options=opts)
     outs = {k: p(x).block_until_ready() for k, p in programs.items()}
     timed = timing.interleaved_medians({k: functools.partial(p, x) for k, p in programs.items()},
                                        repeats=repeats, warmup=1)
