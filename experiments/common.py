@@ -31,16 +31,20 @@ def compile_faster_on_cpu() -> bool:
     (the benchmarks do not: they time XLA's defaults). Returns whether it set the level.
     """
     xla_flags = os.environ.get("XLA_FLAGS", "")
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if "xla_backend_optimization_level" in xla_flags:
-        return False
-    if platforms:
-        if platforms.strip().lower() != "cpu":
-            return False
-    elif any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS):
+    if "xla_backend_optimization_level" in xla_flags or not _cpu_only():
         return False
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_backend_optimization_level=1".strip()
     return True
+
+
+def _cpu_only() -> bool:
+    """Whether JAX will run on the CPU alone: JAX_PLATFORMS is "cpu", or it is unset and no
+    accelerator plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.strip().lower() == "cpu"
+    return not any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS)
+
 
 def keep_freed_memory_on_cpu() -> bool:
     """Makes glibc's malloc keep freed memory for reuse instead of unmapping it, in a CPU run.
@@ -62,11 +66,7 @@ def keep_freed_memory_on_cpu() -> bool:
     if not sys.platform.startswith("linux") or any(
             k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
         return False
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        if platforms.strip().lower() != "cpu":
-            return False
-    elif any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS):
+    if not _cpu_only():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

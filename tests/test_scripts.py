@@ -4,18 +4,15 @@ script reuses the first one's attack part), and bad input ends with one `error:`
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import config_flags, make_tiny_ddpm, run_module, tiny_study_config
+from conftest import ROOT, config_flags, make_tiny_ddpm, run_module, tiny_study_config
 
 from diffjax.study import UNDEFENDED, Study, Workdir, robustness, validate_config
 from experiments.configs import reproduce
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 KEYS = ("methods", "num_examples", "batch_size", "eval_draws", "purifier.num_steps",
         "attack.cascade", "attack.steps", "attack.targets", "attack.chunk", "attack.eot",

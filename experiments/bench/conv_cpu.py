@@ -156,24 +156,27 @@ def unets(no_ynn: bool, repeats: int) -> dict:
     return result
 
 
-def im2col_conv(x, kernel):
-    """A 3x3 (any odd kernel) stride-1 SAME convolution NHWC x HWIO as one matrix product
-    of the patches (the shifted copies of the padded input, side by side)."""
-    kh, kw, c, o = kernel.shape
-    b, h, w, _ = x.shape
+def _shifted_views(x, kh: int, kw: int) -> list:
+    """The ``kh * kw`` shifted windows `[B, H, W, C]` of `x` padded for a stride-1 SAME
+    convolution, in the kernel's (row, column) order."""
+    _, h, w, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh)
-                               for j in range(kw)], axis=-1)
+    return [xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)]
+
+
+def im2col_conv(x, kernel):
+    """A stride-1 SAME convolution (odd kernel) NHWC x HWIO as one matrix product of the
+    patches (the shifted windows side by side)."""
+    kh, kw, c, o = kernel.shape
+    patches = jnp.concatenate(_shifted_views(x, kh, kw), axis=-1)
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c, o))
 
 
 def shifted_conv(x, kernel):
-    """The same convolution as a sum of ``kh * kw`` matrix products of the shifted input."""
-    kh, kw, _, _ = kernel.shape
-    b, h, w, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    return sum(jnp.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + w, :], kernel[i, j])
-               for i in range(kh) for j in range(kw))
+    """The same convolution as a sum of ``kh * kw`` matrix products of the shifted windows."""
+    kh, kw, c, o = kernel.shape
+    return sum(jnp.einsum("bhwc,co->bhwo", v, k) for v, k in
+               zip(_shifted_views(x, kh, kw), kernel.reshape(kh * kw, c, o), strict=True))
 
 
 def convs(repeats: int) -> dict:
@@ -192,13 +195,13 @@ def convs(repeats: int) -> dict:
         k = jax.random.normal(jax.random.key(1), (3, 3, c, o)) / np.sqrt(9 * c)
         g = jax.random.normal(jax.random.key(2), (b, h, h, o))
         flops = 2 * b * h * h * 9 * c * o
+        want = plain(x, k)  # every form computes the same convolution
         row = {}
         for name, (f, opts) in forms.items():
             kw = {"compiler_options": opts} if opts else {}
             fwd = jax.jit(f).lower(x, k).compile(**kw)
             bwd = jax.jit(lambda x, k, g, f=f: jax.vjp(lambda x: f(x, k), x)[1](g)[0]).lower(
                 x, k, g).compile(**kw)
-            want = plain(x, k)  # every form computes the same convolution
             if not np.allclose(fwd(x, k), want, rtol=1e-4, atol=1e-4 * float(
                     jnp.max(jnp.abs(want)))):
                 raise AssertionError(f"{name} disagrees with lax.conv_general_dilated")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 
-from absl import app, flags
+from absl import app
 
 
 def group_norm_before(x, scale, bias, num_groups: int, epsilon: float):
@@ -54,18 +54,14 @@ def compare(size: str = "quarter", batch: int = 8, repeats: int = 21) -> dict:
     from experiments.bench import timing
     from experiments.bench import unet_cpu_profile as prof
 
-    unet, pair = prof._pair(size)
-    x, t = (jnp.asarray(a) for a in prof._inputs(unet, batch))
-    eps = pair.eps_fn
+    x = prof.unet_programs(size, batch)[2]  # the same images every call
 
     def build(fn, forward: bool):
+        grad, call, _ = prof.unet_programs(size, batch)  # fresh functions: traced anew
         saved = layers.group_norm
         layers.group_norm = fn  # `layers.GroupNorm` looks the function up when traced
         try:
-            if forward:
-                return jax.jit(lambda z: eps(z, t)).lower(x).compile()
-            grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
-            return grad.lower(x).compile()
+            return (call if forward else grad).lower(x).compile()
         finally:
             layers.group_norm = saved
 
@@ -88,33 +84,25 @@ def compare(size: str = "quarter", batch: int = 8, repeats: int = 21) -> dict:
             "jax": jax.__version__}
 
 
-def _define_flags() -> None:
-    flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
-    flags.DEFINE_integer("batch", 8, "Images per call.", lower_bound=1)
-    flags.DEFINE_integer("repeats", 21, "Timed calls of each program.", lower_bound=1)
-    flags.DEFINE_string("out", "", "Write the result here as JSON too.")
+def _summary(r: dict) -> str:
+    return (f"U-Net input-gradient ({r['size']}, batch {r['batch']}), median of "
+            f"{r['repeats']} alternating calls: before {r['before_ms']:.1f} ms, after "
+            f"{r['after_ms']:.1f} ms ({r['speedup']:.2f}x); gradients differ by at most "
+            f"{r['max_abs_diff']:.2g} (largest entry {r['max_abs_grad']:.3g}); the U-Net call "
+            f"alone: before {r['forward_before_ms']:.1f} ms, after {r['forward_after_ms']:.1f} "
+            f"ms ({r['forward_speedup']:.2f}x)")
 
 
 def main(argv):
     del argv
-    from experiments import common
-    from experiments.bench import report
+    from experiments.bench import unet_cpu_profile
 
-    with common.one_line_errors():
-        out = flags.FLAGS.out
-        report.check_out_file(out)
-        r = compare(flags.FLAGS.size, flags.FLAGS.batch, flags.FLAGS.repeats)
-        print(f"U-Net input-gradient ({r['size']}, batch {r['batch']}), median of "
-              f"{r['repeats']} alternating calls: before {r['before_ms']:.1f} ms, after "
-              f"{r['after_ms']:.1f} ms ({r['speedup']:.2f}x); gradients differ by at most "
-              f"{r['max_abs_diff']:.2g} (largest entry {r['max_abs_grad']:.3g}); the U-Net call "
-              f"alone: before {r['forward_before_ms']:.1f} ms, after {r['forward_after_ms']:.1f} "
-              f"ms ({r['forward_speedup']:.2f}x)")
-        report.write_json(out, r)
+    unet_cpu_profile.run_ab(compare, _summary)
 
 
 if __name__ == "__main__":
     from experiments import common
+    from experiments.bench import unet_cpu_profile
 
-    _define_flags()
+    unet_cpu_profile.define_ab_flags(batch=8, repeats=21)
     app.run(main, flags_parser=common.parse_flags)

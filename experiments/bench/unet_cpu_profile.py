@@ -73,9 +73,10 @@ def _inputs(unet, batch: int):
     return x, np.full((batch,), 50, np.int32)
 
 
-@functools.cache
-def _jax_grad(size: str, batch: int):
-    """``(compiled input-gradient, x)``: diffjax's side, compiled once per process."""
+def unet_programs(size: str, batch: int):
+    """``(grad, forward, x)``: diffjax's U-Net input-gradient ``x -> grad(sum(eps(x, t)^2))``
+    and U-Net call ``x -> eps(x, t)`` as fresh `jax.jit` functions (not compiled, so a
+    caller can compile them under its own options or patched layers), and the inputs."""
     import jax
     import jax.numpy as jnp
 
@@ -83,7 +84,38 @@ def _jax_grad(size: str, batch: int):
     x, t = (jnp.asarray(a) for a in _inputs(unet, batch))
     eps = pair.eps_fn
     grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
+    return grad, jax.jit(lambda z: eps(z, t)), x
+
+
+@functools.cache
+def _jax_grad(size: str, batch: int):
+    """``(compiled input-gradient, x)``: diffjax's side, compiled once per process."""
+    grad, _, x = unet_programs(size, batch)
     return grad.lower(x).compile(), x
+
+
+def define_ab_flags(batch: int, repeats: int) -> None:
+    """--size, --batch, --repeats, --out: the flags of the one-process U-Net A/B scripts
+    (`group_norm_ab`, `xla_options_ab`), with their default batch and rounds."""
+    flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
+    flags.DEFINE_integer("batch", batch, "Images per call.", lower_bound=1)
+    flags.DEFINE_integer("repeats", repeats, "Timed calls of each program.", lower_bound=1)
+    flags.DEFINE_string("out", "", "Write the result here as JSON too.")
+
+
+def run_ab(compare, summary) -> None:
+    """An A/B script's main: ``--out`` checked before any work, ``compare(size, batch,
+    repeats)``, `summary` (result -> text) printed, the result written to ``--out``; any
+    error one line."""
+    from experiments import common
+    from experiments.bench import report
+
+    with common.one_line_errors():
+        f = flags.FLAGS
+        report.check_out_file(f.out)
+        r = compare(f.size, f.batch, f.repeats)
+        print(summary(r))
+        report.write_json(f.out, r)
 
 
 def _peer_grad(size: str, batch: int):

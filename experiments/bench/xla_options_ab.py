@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import warnings
 
-from absl import app, flags
+from absl import app
 
 # name -> compiler options (XLA `DebugOptions` fields).
 OPTIONS = {
@@ -63,11 +63,7 @@ def compare(size: str = "quarter", batch: int = 2, repeats: int = 15) -> dict:
     from experiments.bench import timing
     from experiments.bench import unet_cpu_profile as prof
 
-    unet, pair = prof._pair(size)
-    x, t = (jnp.asarray(a) for a in prof._inputs(unet, batch))
-    eps = pair.eps_fn
-    grad = jax.jit(lambda z: jax.grad(lambda v: jnp.sum(eps(v, t) ** 2))(z))
-    forward = jax.jit(lambda z: eps(z, t))
+    grad, forward, x = prof.unet_programs(size, batch)
     programs = {}
     with warnings.catch_warnings():
         # XLA cannot serialise a program with oneDNN fusions; where a persistent
@@ -98,34 +94,28 @@ def compare(size: str = "quarter", batch: int = 2, repeats: int = 15) -> dict:
     return out
 
 
-def _define_flags() -> None:
-    flags.DEFINE_enum("size", "quarter", ["quarter", "tiny"], "The U-Net.")
-    flags.DEFINE_integer("batch", 2, "Images per call.", lower_bound=1)
-    flags.DEFINE_integer("repeats", 15, "Timed calls of each program.", lower_bound=1)
-    flags.DEFINE_string("out", "", "Write the result here as JSON too.")
+def _summary(r: dict) -> str:
+    lines = [f"U-Net ({r['size']}, batch {r['batch']}), medians of {r['repeats']} "
+             "alternating calls:"]
+    for name, v in r["results"].items():
+        lines.append(f"  {name:18s} gradient {v['grad_ms']:7.1f} ms ({v['ratio']:.2f}x), "
+                     f"forward {v['forward_ms']:6.1f} ms; oneDNN calls "
+                     f"{v['grad_calls']['onednn']}, YNNPACK {v['grad_calls']['ynn']}; max diff "
+                     f"{v['grad_max_abs_diff']:.2g}; a lone 3x3 convolution: "
+                     f"{r['lone_conv'][name]}")
+    return "\n".join(lines)
 
 
 def main(argv):
     del argv
-    from experiments import common
-    from experiments.bench import report
+    from experiments.bench import unet_cpu_profile
 
-    with common.one_line_errors():
-        out = flags.FLAGS.out
-        report.check_out_file(out)
-        r = compare(flags.FLAGS.size, flags.FLAGS.batch, flags.FLAGS.repeats)
-        print(f"U-Net ({r['size']}, batch {r['batch']}), medians of {r['repeats']} "
-              "alternating calls:")
-        for name, v in r["results"].items():
-            print(f"  {name:18s} gradient {v['grad_ms']:7.1f} ms ({v['ratio']:.2f}x), forward "
-                  f"{v['forward_ms']:6.1f} ms; oneDNN calls {v['grad_calls']['onednn']}, "
-                  f"YNNPACK {v['grad_calls']['ynn']}; max diff {v['grad_max_abs_diff']:.2g}; "
-                  f"a lone 3x3 convolution: {r['lone_conv'][name]}")
-        report.write_json(out, r)
+    unet_cpu_profile.run_ab(compare, _summary)
 
 
 if __name__ == "__main__":
     from experiments import common
+    from experiments.bench import unet_cpu_profile
 
-    _define_flags()
+    unet_cpu_profile.define_ab_flags(batch=2, repeats=15)
     app.run(main, flags_parser=common.parse_flags)
